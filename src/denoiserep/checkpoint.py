@@ -1,0 +1,132 @@
+"""Saving and loading: converted (unfused) models to resume training, fused weights as safetensors.
+
+Every write goes to a temporary file in the destination folder first and is renamed into
+place, so an interrupted save never leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .convert import ConversionState, apply_plan, conversion_state, is_converted, unwrap
+
+CONVERTED_FORMAT = "denoiserep-converted/1"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_converted(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Save a converted model's full state (backbone + denoisers + the conversion plan).
+
+    ``extra`` (optimizer state, epoch, …) is stored alongside for resuming.
+    """
+    model = unwrap(model)
+    payload = {
+        "format": CONVERTED_FORMAT,
+        "conversion": conversion_state(model).to_dict(),
+        "state_dict": model.state_dict(),
+        "extra": extra or {},
+    }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_converted(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Convert a freshly built original ``model`` as the checkpoint says and load its state.
+
+    Returns the checkpoint's ``extra`` dict.
+    """
+    model = unwrap(model)
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CONVERTED_FORMAT:
+        raise ValueError(
+            f"{path} is not a denoiserep converted checkpoint (expected format {CONVERTED_FORMAT!r}). "
+            "Fused weights are .safetensors files: load them with denoiserep.load_fused()."
+        )
+    if is_converted(model):
+        raise RuntimeError("load_converted() needs a freshly built, unconverted model")
+    apply_plan(model, ConversionState.from_dict(payload["conversion"]))
+    _load_state_dict(model, payload["state_dict"], path)
+    return payload["extra"]
+
+
+def save_fused(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Save a fused (plain) model's weights as safetensors; tied tensors are stored once."""
+    model = unwrap(model)
+    if is_converted(model):
+        raise ValueError("this model still has denoisers; call denoiserep.fuse(model) before save_fused()")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = _dedupe_shared(state)
+    meta = {"format": "denoiserep-fused/1", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def load_fused(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load fused weights into a freshly built original model (strict key and shape check)."""
+    model = unwrap(model)
+    state = load_file(str(path), device=str(device))
+    shared = {k: v for k, v in model.state_dict().items() if k not in state}
+    for key, tensor in list(shared.items()):
+        # keys dropped by _dedupe_shared point at the same storage as a kept key
+        twin = next((k for k, v in model.state_dict().items() if k in state and v.data_ptr() == tensor.data_ptr()), None)
+        if twin is not None:
+            state[key] = state[twin]
+    _load_state_dict(model, state, path)
+    return model
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[tuple[int, int], str] = {}
+    out = {}
+    for key, tensor in state.items():
+        ident = (tensor.data_ptr(), tensor.numel())
+        if tensor.numel() and ident in seen:
+            continue
+        seen[ident] = key
+        out[key] = tensor
+    return out
+
+
+def _load_state_dict(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+        if mismatched:
+            parts.append(f"shape mismatch: {mismatched[:5]}{' …' if len(mismatched) > 5 else ''}")
+        raise ValueError(
+            f"checkpoint {path} does not match this model's layers ({'; '.join(parts)}). Build the same "
+            "architecture (name and kwargs, e.g. num_classes) that the checkpoint was saved from."
+        )
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,156 @@
+"""`DenoiseConfig`: which layers get a denoiser, and how those denoisers behave."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from torch import nn
+
+from .schedule import SCHEDULES, NoiseSchedule, make_schedule
+
+# The layer types a denoiser can be fused into exactly (all are affine in their input).
+SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LOSS_TYPES = ("l1", "l2", "l1+l2")
+DENOISER_FORMS = ("full", "low_rank")
+INITS = ("identity", "random")
+
+_TYPE_NAMES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+
+
+@dataclass
+class DenoiseConfig:
+    """Configuration of a DenoiseRep conversion.
+
+    Layer selection
+        ``layer_types``: module types that get a denoiser (``nn.Linear``, ``nn.Conv1d/2d/3d``;
+        names such as ``"Linear"`` are accepted too, for YAML configs).
+        ``target_modules`` / ``exclude_modules``: as in PEFT. A string is a regular expression
+        that must match the full module name; a list matches a name equal to an entry, ending
+        with ``"." + entry``, or matching it as a glob (``"blocks.*.mlp.fc1"``).
+        ``exclude_classifier``: leave the classification head (timm's ``get_classifier()``) alone,
+        since DenoiseRep denoises the backbone's embedding layers.
+        ``keep_state_dict_keys``: skip bias-free layers whose constant term has no BatchNorm
+        to fold into (e.g. Swin's patch-merging ``reduction``), so that the fused state_dict
+        has exactly the original keys and loads with ``strict=True``. Off by default: those
+        layers then gain a bias at fusion time, and `fuse` reports it.
+
+    Noise schedule
+        ``schedule``: ``"linear"`` (β 1e-4→2e-3, the authors' code), ``"ddpm"`` (1e-4→0.02), ``"cosine"``.
+
+    Timesteps
+        Layers are ordered by forward execution, ``L_1..L_N``, noisiest first.
+        ``timestep_range=None``: ``t_i = N − i + 1`` (the paper). ``(lo, hi)``: ``t_1 = hi`` down to
+        ``t_N = lo``, evenly spaced and rounded, e.g. ``(1, 1000)`` spreads the layers over the schedule.
+
+    Denoiser
+        ``denoiser``: ``"full"`` (d_in × d_in, as in the paper; block-diagonal for grouped convs)
+        or ``"low_rank"`` (diagonal + rank-``rank`` product: ``A = diag(d) + U V``).
+        ``init``: ``"identity"`` makes the converted model compute exactly the original one at
+        step 0 (``c3·I − c1·A = I``), so training starts from the trained backbone's accuracy;
+        ``"random"`` draws A, a and e at random (used by the exactness tests).
+        ``sample_noise``: add the posterior noise term ``σ_t z`` with a fixed z drawn from a
+        generator seeded by ``noise_seed`` (off by default: the posterior mean).
+
+    Loss
+        ``loss``: ``"l1"`` (the paper), ``"l2"`` or ``"l1+l2"``; each layer's loss is a mean over
+        elements, and the model's loss is the sum over layers.
+        ``loss_token_fraction``: estimate each layer's noise loss on this random fraction of
+        the input positions (tokens or pixels); 1.0 uses all of them.
+    """
+
+    layer_types: Sequence[type[nn.Module] | str] = (nn.Linear, nn.Conv2d)
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    exclude_classifier: bool = True
+    keep_state_dict_keys: bool = False
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float | None = None
+    beta_end: float | None = None
+    timestep_range: tuple[int, int] | None = None
+    denoiser: str = "full"
+    rank: int = 8
+    init: str = "identity"
+    init_seed: int = 0
+    sample_noise: bool = False
+    noise_seed: int = 0
+    loss: str = "l1"
+    loss_token_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.layer_types = tuple(_resolve_type(t) for t in self.layer_types)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.denoiser not in DENOISER_FORMS:
+            raise ValueError(f"unknown denoiser form {self.denoiser!r}; choose 'full' or 'low_rank'")
+        if self.denoiser == "low_rank" and self.rank < 1:
+            raise ValueError(f"rank must be >= 1 for a low_rank denoiser, got {self.rank}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose 'identity' or 'random'")
+        if self.loss not in LOSS_TYPES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_TYPES)}")
+        if not 0.0 < self.loss_token_fraction <= 1.0:
+            raise ValueError(f"loss_token_fraction must be in (0, 1], got {self.loss_token_fraction}")
+        if self.timestep_range is not None:
+            lo, hi = self.timestep_range
+            if not 1 <= lo <= hi <= self.num_timesteps:
+                raise ValueError(
+                    f"timestep_range {self.timestep_range} must satisfy 1 <= lo <= hi <= "
+                    f"num_timesteps ({self.num_timesteps})"
+                )
+            self.timestep_range = (int(lo), int(hi))
+
+    def make_schedule(self) -> NoiseSchedule:
+        return make_schedule(self.schedule, self.num_timesteps, self.beta_start, self.beta_end)
+
+    def timesteps_for(self, num_layers: int) -> list[int]:
+        """Timestep of each selected layer, in execution order (first layer is noisiest)."""
+        if self.timestep_range is None:
+            if num_layers > self.num_timesteps:
+                raise ValueError(
+                    f"{num_layers} layers need t_i = N − i + 1 up to {num_layers}, but the schedule "
+                    f"has only {self.num_timesteps} steps; raise num_timesteps or set timestep_range"
+                )
+            return [num_layers - i for i in range(num_layers)]
+        lo, hi = self.timestep_range
+        if num_layers == 1:
+            return [hi]
+        return [round(hi - i * (hi - lo) / (num_layers - 1)) for i in range(num_layers)]
+
+    def to_dict(self) -> dict:
+        """A YAML/JSON-friendly view (layer types by name)."""
+        out = asdict(self)
+        out["layer_types"] = [t.__name__ for t in self.layer_types]
+        if isinstance(self.target_modules, (list, tuple)):
+            out["target_modules"] = list(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            out["exclude_modules"] = list(self.exclude_modules)
+        if self.timestep_range is not None:
+            out["timestep_range"] = list(self.timestep_range)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DenoiseConfig":
+        values = dict(values)
+        if values.get("timestep_range") is not None:
+            values["timestep_range"] = tuple(values["timestep_range"])
+        return cls(**values)
+
+
+def _resolve_type(layer_type: type[nn.Module] | str) -> type[nn.Module]:
+    if isinstance(layer_type, str):
+        name = layer_type.split(".")[-1]
+        if name not in _TYPE_NAMES:
+            raise ValueError(
+                f"layer type {layer_type!r} is not supported; DenoiseRep fuses into "
+                f"{', '.join(_TYPE_NAMES)}"
+            )
+        return _TYPE_NAMES[name]
+    if not (isinstance(layer_type, type) and issubclass(layer_type, SUPPORTED_LAYER_TYPES)):
+        raise ValueError(
+            f"layer type {layer_type!r} is not supported: a denoiser can only be fused exactly into "
+            f"{', '.join(t.__name__ for t in SUPPORTED_LAYER_TYPES)} (and their subclasses). "
+            "Remove it from layer_types."
+        )
+    return layer_type

@@ -1,0 +1,380 @@
+"""`convert`: select a model's embedding layers, order them by execution, attach denoisers.
+
+Also the training-time API that works on a converted model: `denoise_loss`,
+`set_trainable`, `denoiser_parameters`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .config import DenoiseConfig
+from .layers import LayerDenoiser, attach, denoiser_of
+
+logger = logging.getLogger(__name__)
+
+# Subclasses of the supported layers whose forward still computes ``W x + b`` with the
+# stored weight (so the fusion stays exact) although they override `forward`.
+_SAFE_FORWARD_SUBCLASSES = ("timm.layers.linear.Linear", "timm.layers.conv2d_same.Conv2dSame")
+_BASE_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+
+STATE_ATTR = "_denoiserep_state"
+
+
+@dataclass
+class LayerPlan:
+    """Where one denoiser goes: the layer's name, its timestep, and a BatchNorm that
+    directly consumes its output (where a bias-free layer's constant term can be folded)."""
+
+    name: str
+    timestep: int
+    following_norm: str | None = None
+
+
+@dataclass
+class ConversionState:
+    """Stored on the converted root module (not in its state_dict)."""
+
+    config: DenoiseConfig
+    plan: list[LayerPlan]
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "plan": [asdict(p) for p in self.plan]}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ConversionState":
+        return cls(DenoiseConfig.from_dict(values["config"]), [LayerPlan(**p) for p in values["plan"]])
+
+
+def convert(model: nn.Module, config: DenoiseConfig | None = None, example_inputs: Any = None) -> nn.Module:
+    """Wrap the selected embedding layers of ``model`` in place with DenoiseRep denoisers.
+
+    ``example_inputs`` (a tensor, a tuple of positional arguments, or a dict of keyword
+    arguments) is run once, in eval mode and without gradients, to order the layers by
+    execution, to find layers that never run, and to find BatchNorms fed directly by
+    bias-free layers. Returns ``model``.
+    """
+    config = config or DenoiseConfig()
+    model = unwrap(model)
+    if is_converted(model):
+        raise RuntimeError(
+            "this model already has DenoiseRep denoisers; converting twice would stack them. "
+            "Keep training the converted model, or call denoiserep.fuse(model) first."
+        )
+    candidates = select_layers(model, config)
+    plan = plan_layers(model, candidates, config, example_inputs)
+    apply_plan(model, ConversionState(config, plan))
+    return model
+
+
+def apply_plan(model: nn.Module, state: ConversionState) -> nn.Module:
+    """Attach denoisers exactly as ``state`` says (used by `convert` and to reload checkpoints)."""
+    config, schedule = state.config, state.config.make_schedule()
+    names = dict(model.named_modules())
+    missing = [p.name for p in state.plan if p.name not in names]
+    if missing:
+        raise ValueError(
+            f"the conversion plan names layers this model does not have: {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''}. The checkpoint was made from another architecture; "
+            "build the same model it was converted from."
+        )
+    for index, layer_plan in enumerate(state.plan):
+        layer = names[layer_plan.name]
+        denoiser = LayerDenoiser(
+            layer,
+            schedule.step(layer_plan.timestep),
+            form=config.denoiser,
+            rank=config.rank,
+            init=config.init,
+            init_seed=config.init_seed + index,
+            sample_noise=config.sample_noise,
+            noise_seed=config.noise_seed + index,
+            loss=config.loss,
+            loss_token_fraction=config.loss_token_fraction,
+        )
+        denoiser.following_norm = layer_plan.following_norm
+        attach(layer, denoiser)
+    setattr(model, STATE_ATTR, state)
+    logger.info("DenoiseRep: attached %d denoisers", len(state.plan))
+    return model
+
+
+# -- layer selection ----------------------------------------------------------------------
+
+
+def select_layers(model: nn.Module, config: DenoiseConfig) -> dict[str, nn.Module]:
+    """Layers of the configured types whose names pass the include/exclude patterns."""
+    excluded_ids = _excluded_module_ids(model, config)
+    typed = [(n, m) for n, m in model.named_modules() if isinstance(m, tuple(config.layer_types)) and n]
+    selected: dict[str, nn.Module] = {}
+    unsafe: list[str] = []
+    for name, module in typed:
+        if id(module) in excluded_ids or not _name_selected(name, config):
+            continue
+        if not _fusable_forward(module):
+            unsafe.append(f"{name} ({type(module).__name__})")
+            continue
+        selected[name] = module
+    if unsafe:
+        warnings.warn(
+            "these layers override forward() in a way DenoiseRep cannot fuse exactly (e.g. weight "
+            f"standardization) and get no denoiser: {', '.join(unsafe)}",
+            stacklevel=3,
+        )
+    if not selected:
+        available = ", ".join(f"{n} ({type(m).__name__})" for n, m in typed[:20]) or "none"
+        more = f" and {len(typed) - 20} more" if len(typed) > 20 else ""
+        raise ValueError(
+            f"no layer matched: layer_types={[t.__name__ for t in config.layer_types]}, "
+            f"target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}. "
+            f"Layers of those types in this model: {available}{more}. "
+            "Fix target_modules/exclude_modules (names as in model.named_modules()) or layer_types."
+        )
+    return selected
+
+
+def _excluded_module_ids(model: nn.Module, config: DenoiseConfig) -> set[int]:
+    from .head import DenoiseHead
+
+    roots = [m for m in model.modules() if isinstance(m, DenoiseHead)]
+    if config.exclude_classifier and callable(getattr(model, "get_classifier", None)):
+        classifier = model.get_classifier()
+        if isinstance(classifier, nn.Module):
+            roots.append(classifier)
+    return {id(m) for root in roots for m in root.modules()}
+
+
+def _name_selected(name: str, config: DenoiseConfig) -> bool:
+    included = config.target_modules is None or _matches(name, config.target_modules)
+    return included and not (config.exclude_modules is not None and _matches(name, config.exclude_modules))
+
+
+def _matches(name: str, patterns: str | Sequence[str]) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _fusable_forward(module: nn.Module) -> bool:
+    for cls in type(module).__mro__:
+        if f"{cls.__module__}.{cls.__qualname__}" in _SAFE_FORWARD_SUBCLASSES:
+            return True
+        if "forward" in vars(cls):
+            return vars(cls)["forward"] in _BASE_FORWARDS
+    return False
+
+
+# -- execution order ----------------------------------------------------------------------
+
+
+def plan_layers(
+    model: nn.Module, candidates: dict[str, nn.Module], config: DenoiseConfig, example_inputs: Any
+) -> list[LayerPlan]:
+    """Order candidates by execution and assign timesteps (noisiest first)."""
+    if example_inputs is None:
+        warnings.warn(
+            "convert() got no example_inputs, so layers are ordered by registration order, which can "
+            "differ from execution order, and bias-free layers cannot be matched to the BatchNorm that "
+            "follows them. Pass example_inputs=<a batch your model accepts> to order layers by one "
+            "forward pass.",
+            stacklevel=3,
+        )
+        order, following = list(candidates), {}
+    else:
+        order, following = _trace(model, candidates, example_inputs)
+    if config.keep_state_dict_keys:
+        unfoldable = [n for n in order if candidates[n].bias is None and n not in following]
+        if unfoldable:
+            warnings.warn(
+                "keep_state_dict_keys=True: these bias-free layers have no BatchNorm to fold their "
+                f"constant into and get no denoiser: {', '.join(unfoldable)}",
+                stacklevel=3,
+            )
+        order = [n for n in order if n not in unfoldable]
+        if not order:
+            raise ValueError("keep_state_dict_keys=True left no layer to denoise; pass example_inputs or turn it off")
+    timesteps = config.timesteps_for(len(order))
+    return [LayerPlan(name, t, following.get(name)) for name, t in zip(order, timesteps)]
+
+
+def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: Any) -> tuple[list[str], dict[str, str]]:
+    calls: Counter[str] = Counter()
+    order: list[str] = []
+    bias_free_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (layer, output kept alive)
+    following: dict[str, str] = {}
+    handles = []
+
+    def on_layer_call(name: str):
+        def hook(module, args):
+            if calls[name] == 0:
+                order.append(name)
+            calls[name] += 1
+
+        return hook
+
+    def on_layer_output(name: str):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                bias_free_outputs[id(output)] = (name, output)
+
+        return hook
+
+    def on_norm_call(norm_name: str):
+        def hook(module, args):
+            found = bias_free_outputs.get(id(args[0])) if args else None
+            if found is not None:
+                layer_name = found[0]
+                if module.track_running_stats and module.num_features == _out_channels(candidates[layer_name]):
+                    following.setdefault(layer_name, norm_name)
+
+        return hook
+
+    for name, module in candidates.items():
+        handles.append(module.register_forward_pre_hook(on_layer_call(name)))
+        if module.bias is None:
+            handles.append(module.register_forward_hook(on_layer_output(name)))
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            handles.append(module.register_forward_pre_hook(on_norm_call(name)))
+
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, example_inputs)
+    except Exception as error:
+        raise ValueError(
+            f"example_inputs failed to run the model ({type(error).__name__}: {error}). Pass what "
+            "model(...) accepts: a tensor, a tuple of positional arguments, or a dict of keyword "
+            "arguments, e.g. torch.randn(1, 3, 224, 224), on the model's device."
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in was_training.items():
+            module.training = training
+
+    never_ran = [n for n in candidates if calls[n] == 0]
+    if never_ran:
+        warnings.warn(
+            f"{len(never_ran)} selected layers never ran on example_inputs and get no denoiser: "
+            f"{', '.join(never_ran[:10])}{' …' if len(never_ran) > 10 else ''}",
+            stacklevel=4,
+        )
+    repeated = {n: c for n, c in calls.items() if c > 1}
+    if repeated:
+        warnings.warn(
+            "these layers run more than once per forward; each gets one denoiser at the timestep of "
+            f"its first call: {', '.join(f'{n} ({c}x)' for n, c in repeated.items())}",
+            stacklevel=4,
+        )
+    if not order:
+        raise ValueError("none of the selected layers ran on example_inputs; check the inputs and the patterns")
+    return order, following
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+# -- working with a converted model -------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def layer_denoisers(model: nn.Module) -> Iterator[tuple[str, nn.Module, LayerDenoiser]]:
+    """(layer name, layer, denoiser) for every converted layer, in module order."""
+    for name, module in unwrap(model).named_modules():
+        denoiser = denoiser_of(module)
+        if denoiser is not None:
+            yield name, module, denoiser
+
+
+def is_converted(model: nn.Module) -> bool:
+    return any(True for _ in layer_denoisers(model))
+
+
+def conversion_state(model: nn.Module) -> ConversionState:
+    model = unwrap(model)
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model was not converted by denoiserep.convert(); call convert(model, ...) first")
+    return state
+
+
+def denoise_loss(model: nn.Module) -> torch.Tensor:
+    """Sum over layers of the noise-prediction losses accumulated since the last call.
+
+    Resets the accumulators. Returns a zero tensor (on the model's device) when nothing
+    was accumulated, e.g. in eval mode or under ``torch.no_grad()``.
+    """
+    from .head import DenoiseHead
+
+    losses = []
+    for module in unwrap(model).modules():
+        if isinstance(module, (LayerDenoiser, DenoiseHead)):
+            losses.extend(module.pop_losses())
+    if losses:
+        return torch.stack([loss.float() for loss in losses]).sum()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.zeros((), device=device)
+
+
+def denoiser_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of the layer denoisers and DenoiseRep⁻ heads (what the paper trains)."""
+    yield from (p for _, p in _named_parameters_by_role(model)[0])
+
+
+def set_trainable(model: nn.Module, denoisers: bool = True, backbone: bool = False) -> dict[str, int]:
+    """Set ``requires_grad``: the paper trains only the denoisers (the default); the authors'
+    alternating option trains the backbone through the fused weights in other phases.
+
+    Returns the number of trainable parameters per role.
+    """
+    denoiser_params, backbone_params = _named_parameters_by_role(model)
+    for _, p in denoiser_params:
+        p.requires_grad_(denoisers)
+    for _, p in backbone_params:
+        p.requires_grad_(backbone)
+    return {
+        "denoisers": sum(p.numel() for _, p in denoiser_params) if denoisers else 0,
+        "backbone": sum(p.numel() for _, p in backbone_params) if backbone else 0,
+    }
+
+
+def _named_parameters_by_role(model: nn.Module):
+    from .head import DenoiseHead
+
+    model = unwrap(model)
+    denoiser_ids = {
+        id(p) for m in model.modules() if isinstance(m, (LayerDenoiser, DenoiseHead)) for p in m.parameters()
+    }
+    named = list(model.named_parameters())
+    return [(n, p) for n, p in named if id(p) in denoiser_ids], [(n, p) for n, p in named if id(p) not in denoiser_ids]

@@ -1,0 +1,161 @@
+"""The two small datasets that need no files from the user: scikit-learn digits and MNIST-1D.
+
+Both are returned as in-memory tensors (:class:`TensorSplits`); wrapping them into
+datasets is left to :mod:`denoiserep.data.classification`, so this module knows
+nothing about transforms or the ``ClassificationData`` container.
+
+Neither loader touches the network: digits ships inside scikit-learn, and MNIST-1D is
+*generated* locally from its published procedure (the ``mnist1d`` package can also
+download a pickle, which we never ask it to do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DIGITS_TEST_SIZE = 0.3
+DIGITS_SPLIT_SEED = 0
+MNIST1D_CACHE_NAME = "mnist1d.npz"
+
+
+@dataclass(frozen=True)
+class TensorSplits:
+    """Train/val inputs (float32) and labels (int64), plus class names, all in memory."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    class_names: list[str]
+
+
+def load_digits_splits() -> TensorSplits:
+    """scikit-learn's 1,797 real 8x8 handwritten digits as (N, 1, 8, 8) tensors.
+
+    The split is fixed (stratified, ``test_size=0.3``, ``random_state=0``: 1,257 train
+    / 540 val) and does not depend on any training seed, so that runs with different
+    seeds differ only in training, never in which images they are evaluated on.
+
+    Pixels (integers 0..16) are standardised with one scalar mean and std computed on
+    the *train* split only (mean ~= 4.889, std ~= 6.018), so no val statistics leak
+    into the inputs; the result is roughly zero-mean / unit-std.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    train_x, val_x, train_y, val_y = train_test_split(
+        bunch.data,
+        bunch.target,
+        test_size=DIGITS_TEST_SIZE,
+        random_state=DIGITS_SPLIT_SEED,
+        stratify=bunch.target,
+    )
+    mean, std = float(train_x.mean()), float(train_x.std())
+    return TensorSplits(
+        train_x=_standardised_images(train_x, mean, std),
+        train_y=torch.as_tensor(train_y, dtype=torch.int64),
+        val_x=_standardised_images(val_x, mean, std),
+        val_y=torch.as_tensor(val_y, dtype=torch.int64),
+        class_names=[str(name) for name in bunch.target_names],
+    )
+
+
+def _standardised_images(flat: np.ndarray, mean: float, std: float) -> torch.Tensor:
+    """Turn (N, 64) pixel rows into standardised (N, 1, 8, 8) float32 images."""
+    images = ((flat - mean) / std).astype(np.float32).reshape(-1, 1, 8, 8)
+    return torch.from_numpy(images)
+
+
+def load_mnist1d_splits(cache_dir: Path | None = None) -> TensorSplits:
+    """MNIST-1D with its published 4,000 / 1,000 train/test split, as (N, 1, 40) tensors.
+
+    Generation takes a few seconds, so the arrays are cached in
+    ``<cache_dir>/mnist1d.npz`` (default ``~/.cache/denoiserep``). The cache records
+    the generator arguments and is regenerated when they no longer match, so an
+    upgraded ``mnist1d`` with different defaults cannot silently serve stale data.
+    """
+    cache_path = (cache_dir or default_cache_dir()) / MNIST1D_CACHE_NAME
+    args = _mnist1d_generation_args()
+    arrays = _read_mnist1d_cache(cache_path, args)
+    if arrays is None:
+        arrays = _generate_mnist1d(args)
+        _write_npz_atomically(cache_path, arrays)
+    return TensorSplits(
+        train_x=torch.from_numpy(arrays["x"].astype(np.float32)[:, None, :]),
+        train_y=torch.from_numpy(arrays["y"].astype(np.int64)),
+        val_x=torch.from_numpy(arrays["x_test"].astype(np.float32)[:, None, :]),
+        val_y=torch.from_numpy(arrays["y_test"].astype(np.int64)),
+        class_names=[str(digit) for digit in range(10)],
+    )
+
+
+def default_cache_dir() -> Path:
+    """``~/.cache/denoiserep``, resolved at call time so a changed ``HOME`` is honoured."""
+    return Path("~/.cache/denoiserep").expanduser()
+
+
+def _mnist1d_generation_args() -> dict:
+    """The package's published default arguments, minus the download URL (never used)."""
+    from mnist1d.data import get_dataset_args
+
+    args = get_dataset_args(as_dict=True)
+    args.pop("url", None)
+    return args
+
+
+def _generate_mnist1d(args: dict) -> dict[str, np.ndarray]:
+    """Run MNIST-1D's own generator locally.
+
+    ``make_dataset`` reseeds Python's and NumPy's *global* RNGs; their states are
+    restored afterwards so that loading data never changes the randomness of the
+    training run that asked for it.
+    """
+    from mnist1d.data import make_dataset
+    from mnist1d.utils import ObjectView
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        dataset = make_dataset(ObjectView(dict(args)))
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    arrays = {key: np.asarray(dataset[key]) for key in ("x", "y", "x_test", "y_test")}
+    arrays["args_json"] = np.asarray(json.dumps(args, sort_keys=True))
+    return arrays
+
+
+def _read_mnist1d_cache(cache_path: Path, args: dict) -> dict[str, np.ndarray] | None:
+    """Cached arrays if the file exists and was made with ``args``; otherwise None."""
+    if not cache_path.is_file():
+        return None
+    with np.load(cache_path, allow_pickle=False) as cached:
+        arrays = {key: cached[key] for key in cached.files}
+    if str(arrays.get("args_json")) != json.dumps(args, sort_keys=True):
+        return None
+    return arrays
+
+
+def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write to a temp file in the same folder, then rename over ``path``.
+
+    Concurrent runs (e.g. several seeds started together) therefore never read a
+    half-written cache: they see either no file or a complete one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.replace(tmp_name, path)
+    except BaseException:
+        os.unlink(tmp_name)
+        raise

@@ -1,0 +1,163 @@
+"""`fuse`: replace every denoised layer by the plain layer with W′ and b′ (PEFT's merge_and_unload)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten
+
+from .convert import STATE_ATTR, _call, layer_denoisers, unwrap
+from .layers import detach, fused_weight
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FusedLayer:
+    name: str
+    timestep: int
+    bias: str  # "merged" into the layer's bias, "folded into <norm>", or "added" (new parameter)
+
+
+@dataclass
+class FuseReport:
+    layers: list[FusedLayer] = field(default_factory=list)
+    max_relative_error: float | None = None  # measured on example_inputs, when given
+
+    @property
+    def added_biases(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.bias == "added"]
+
+
+def fuse(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    tolerance: float = 1e-4,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, FuseReport]:
+    """Fuse every denoiser into its layer, in place; afterwards the model is plain PyTorch.
+
+    Module types, parameter shapes and ``state_dict`` keys become the original model's. A
+    bias-free layer's constant term is folded into the running mean of the BatchNorm that
+    directly consumes its output (exact in eval mode; in train mode BatchNorm removes it
+    anyway); where there is none, the layer gains a bias, and the report and a warning say so.
+
+    Fusion is computed in float64 and is deterministic: the same checkpoint always gives
+    bit-identical weights. With ``example_inputs``, the eval-mode outputs before and after
+    fusion are compared and a RuntimeError is raised if their relative error exceeds
+    ``tolerance``.
+    """
+    model = unwrap(model)
+    converted = list(layer_denoisers(model))
+    if not converted:
+        raise ValueError(
+            "nothing to fuse: this model has no DenoiseRep denoisers. Call denoiserep.convert(model) "
+            "first, or load a converted checkpoint with denoiserep.load_converted()."
+        )
+    reference = _eval_outputs(model, example_inputs) if example_inputs is not None else None
+    modules = dict(model.named_modules())
+    report = FuseReport()
+    with torch.no_grad():
+        for name, layer, denoiser in converted:
+            weight = layer.parametrizations.weight.original
+            w64 = weight.detach().double()
+            new_weight = fused_weight(w64, denoiser.matrix().double(), denoiser.c1, denoiser.c3, denoiser.groups)
+            shift = denoiser.bias_shift(w64).to(weight.dtype)
+            norm = _following_norm(modules, name, denoiser.following_norm)
+            detach(layer)
+            _remove_weight_parametrization(layer)
+            layer.weight.copy_(new_weight.to(weight.dtype))
+            if layer.bias is not None:
+                layer.bias.add_(shift)
+                how = "merged"
+            elif norm is not None:
+                # BN(y + s) with running mean m equals BN(y) with running mean m − s.
+                norm.running_mean.sub_(shift.to(norm.running_mean.dtype))
+                how = f"folded into {denoiser.following_norm}"
+            else:
+                layer.bias = nn.Parameter(shift, requires_grad=weight.requires_grad)
+                how = "added"
+            report.layers.append(FusedLayer(name, denoiser.timestep, how))
+    for module in model.modules():
+        if hasattr(module, STATE_ATTR):
+            delattr(module, STATE_ATTR)
+    if report.added_biases:
+        logger.warning(
+            "fuse: %d bias-free layers had no BatchNorm right after them and gained a bias parameter "
+            "(their state_dict now has a '.bias' key the original lacks): %s",
+            len(report.added_biases),
+            ", ".join(report.added_biases),
+        )
+    if reference is not None:
+        report.max_relative_error = _relative_error(reference, _eval_outputs(model, example_inputs))
+        if report.max_relative_error > tolerance:
+            raise RuntimeError(
+                f"fused outputs differ from the unfused model by a relative error of "
+                f"{report.max_relative_error:.3g} > {tolerance:g}. A bias-free layer's constant was probably "
+                "folded into a BatchNorm whose input is also used elsewhere; report this model, and "
+                "convert it with that layer excluded meanwhile."
+            )
+    return (model, report) if return_report else model
+
+
+def _remove_weight_parametrization(layer: nn.Module) -> None:
+    """Give ``layer`` back its plain class and its original ``weight`` Parameter.
+
+    torch's ``remove_parametrizations`` deletes the property from the parametrized class,
+    which ``copy.deepcopy`` shares between copies (an EMA copy, say), so fusing one copy
+    would break the other; this leaves the class alone when only ``weight`` is parametrized.
+    """
+    if len(layer.parametrizations) > 1:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    else:
+        original = layer.parametrizations["weight"].original
+        del layer._modules["parametrizations"]
+        layer.__class__ = type(layer).__bases__[0]
+        layer._parameters["weight"] = original
+    # Put `weight` first again so that the fused state_dict lists keys in the original order.
+    params = layer._parameters
+    for key in [k for k in params if k != "weight"]:
+        params[key] = params.pop(key)
+
+
+def _following_norm(modules: dict[str, nn.Module], layer_name: str, norm_name: str | None) -> nn.Module | None:
+    if norm_name is None:
+        return None
+    norm = modules.get(norm_name)
+    if norm is None or getattr(norm, "running_mean", None) is None:
+        raise ValueError(
+            f"layer {layer_name} should fold its constant into BatchNorm {norm_name}, which this model "
+            "lacks or which tracks no running statistics; the model changed after convert()"
+        )
+    return norm
+
+
+def _eval_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            leaves, _ = tree_flatten(_call(model, inputs))
+    finally:
+        for module, training in was_training.items():
+            module.training = training
+    return [t.detach().float().clone() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    if len(reference) != len(actual):
+        raise RuntimeError("the fused model returns a different number of tensors than the unfused one")
+    worst = 0.0
+    for ref, out in zip(reference, actual):
+        if ref.shape != out.shape:
+            raise RuntimeError(f"fused output shape {tuple(out.shape)} differs from unfused {tuple(ref.shape)}")
+        if ref.numel():
+            scale = ref.abs().max().clamp_min(1e-12)
+            worst = max(worst, float((ref - out).abs().max() / scale))
+    return worst

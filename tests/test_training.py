@@ -1,0 +1,197 @@
+"""Training behaviour: what trains, what the noise loss does, precision and parallel modes."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import denoiserep as dr
+from denoiserep import DenoiseConfig, DenoiseHead
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4),
+    )
+
+
+def structured_batch(n=32):
+    """Inputs with strong channel structure, so a linear denoiser can learn to predict noise."""
+    base = torch.randn(n, 1, 1, 1) * torch.ones(1, 1, 6, 6)
+    return base + 0.05 * torch.randn(n, 1, 6, 6)
+
+
+def test_training_the_denoisers_lowers_the_noise_loss_and_leaves_the_backbone_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(64, 2) @ torch.randn(2, 16)  # rank-2 features: noise off that plane is predictable
+    dr.convert(model, DenoiseConfig(loss="l2", schedule="ddpm", timestep_range=(100, 400)), example_inputs=x)
+    counts = dr.set_trainable(model)
+    assert counts["backbone"] == 0 and counts["denoisers"] > 0
+    backbone = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.Adam(dr.denoiser_parameters(model), lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(150):
+        model(x)
+        loss = dr.denoise_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first
+    assert all(torch.equal(p, backbone[n]) for n, p in model.named_parameters() if n in backbone)
+
+
+def test_task_loss_reaches_the_denoisers_through_the_fused_weights():
+    model = small_cnn()
+    x = structured_batch(8)
+    dr.convert(model, example_inputs=x)
+    dr.set_trainable(model)
+    model.train()
+    out = model(x)
+    dr.denoise_loss(model)  # discard: only the task path's gradient is checked here
+    out.square().mean().backward()
+    grads = [p.grad for p in dr.denoiser_parameters(model)]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_denoise_loss_is_a_zero_tensor_when_nothing_accumulated_and_resets_after_each_call():
+    model = small_cnn()
+    x = structured_batch(4)
+    dr.convert(model, example_inputs=x)
+    zero = dr.denoise_loss(model)
+    assert isinstance(zero, torch.Tensor) and zero.item() == 0.0
+    model.eval()
+    model(x)
+    assert dr.denoise_loss(model).item() == 0.0  # eval mode accumulates nothing
+    model.train()
+    model(x)
+    assert dr.denoise_loss(model).item() > 0
+    assert dr.denoise_loss(model).item() == 0.0
+
+
+def test_alternating_phase_trains_the_backbone_through_the_fused_weights_only():
+    model = small_cnn()
+    x = structured_batch(4)
+    dr.convert(model, example_inputs=x)
+    counts = dr.set_trainable(model, denoisers=False, backbone=True)
+    assert counts["denoisers"] == 0 and counts["backbone"] > 0
+    model.train()
+    model(x).sum().backward()
+    assert dr.denoise_loss(model).item() == 0.0  # frozen denoisers accumulate no noise loss
+    assert all(p.grad is None for p in dr.denoiser_parameters(model))
+
+
+@pytest.mark.parametrize("form", ["full", "low_rank"])
+def test_bf16_autocast_forward_and_backward(form):
+    model = small_cnn()
+    x = structured_batch(4)
+    dr.convert(model, DenoiseConfig(denoiser=form), example_inputs=x)
+    dr.set_trainable(model)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        loss = out.float().square().mean() + dr.denoise_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in dr.denoiser_parameters(model) if p.grad is not None)
+
+
+def test_token_subsampling_estimates_the_same_loss():
+    model = small_cnn()
+    x = structured_batch(64)
+    full, sub = copy.deepcopy(model), copy.deepcopy(model)
+    dr.convert(full, DenoiseConfig(init="random"), example_inputs=x)
+    dr.convert(sub, DenoiseConfig(init="random", loss_token_fraction=0.25), example_inputs=x)
+    full.train(), sub.train()
+    torch.manual_seed(0)
+    a = sum(dr.denoise_loss(full).item() for _ in range(20) if full(x) is not None) / 20
+    b = sum(dr.denoise_loss(sub).item() for _ in range(20) if sub(x) is not None) / 20
+    assert b == pytest.approx(a, rel=0.05)
+
+
+def test_a_deep_copy_keeps_working_after_the_original_is_fused():
+    model = small_cnn()
+    x = structured_batch(4)
+    dr.convert(model, DenoiseConfig(init="random"), example_inputs=x)
+    ema = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        before = ema(x)
+        dr.fuse(model)
+        torch.testing.assert_close(ema(x), before)
+        torch.testing.assert_close(model.eval()(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_denoise_head_learns_to_predict_noise_and_samples_deterministically():
+    torch.manual_seed(0)
+    head = DenoiseHead(dim=6, steps=10, hidden_dim=64, schedule="ddpm", num_timesteps=10)
+    features = torch.randn(256, 1) * torch.tensor([[1.0, -1.0, 0.5, 2.0, 0.0, 1.5]])
+    optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
+    head.train()
+    losses = []
+    for _ in range(200):
+        head(features)
+        loss = dr.denoise_loss(head)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) < 0.6 * sum(losses[:20])
+    head.eval()
+    with torch.no_grad():
+        assert torch.equal(head(features), head(features))
+        assert head(features).shape == features.shape
+
+
+def test_denoise_head_with_sampled_noise_is_seeded():
+    head = DenoiseHead(dim=4, steps=3, schedule="ddpm", num_timesteps=10, sample_noise=True, noise_seed=7).eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.equal(head(x), head(x))
+
+
+def _ddp_worker(rank, world_size, port, result_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = small_cnn()
+        x = structured_batch(8)
+        dr.convert(model, example_inputs=x)
+        dr.set_trainable(model)
+        ddp = nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False on purpose
+        optimizer = torch.optim.SGD(dr.denoiser_parameters(ddp), lr=0.1)
+        ddp.train()
+        for step in range(3):
+            shard = x[rank::world_size]
+            loss = 0.5 * ddp(shard).square().mean() + 0.5 * dr.denoise_loss(ddp)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        params = torch.cat([p.detach().flatten() for p in dr.denoiser_parameters(ddp)])
+        gathered = [torch.zeros_like(params) for _ in range(world_size)]
+        dist.all_gather(gathered, params)
+        if rank == 0:
+            torch.save(gathered, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_denoisers_without_unused_parameter_errors_and_keeps_replicas_in_sync(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "params.pt"
+    mp.spawn(_ddp_worker, args=(2, port, str(result)), nprocs=2, join=True)
+    replica0, replica1 = torch.load(result)
+    assert torch.equal(replica0, replica1)
