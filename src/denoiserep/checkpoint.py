@@ -67,7 +67,7 @@ def load_converted(model: nn.Module, path: str | os.PathLike, map_location: str 
     if is_converted(model):
         raise RuntimeError("load_converted() needs a freshly built, unconverted model")
     apply_plan(model, ConversionState.from_dict(payload["conversion"]))
-    _load_state_dict(model, payload["state_dict"], path)
+    load_state_dict_checked(model, payload["state_dict"], path)
     return payload["extra"]
 
 
@@ -92,7 +92,7 @@ def load_fused(model: nn.Module, path: str | os.PathLike, device: str | torch.de
         twin = next((k for k, v in model.state_dict().items() if k in state and v.data_ptr() == tensor.data_ptr()), None)
         if twin is not None:
             state[key] = state[twin]
-    _load_state_dict(model, state, path)
+    load_state_dict_checked(model, state, path)
     return model
 
 
@@ -108,7 +108,8 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_state_dict(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
+def load_state_dict_checked(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what differs and how to fix it."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

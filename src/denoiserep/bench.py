@@ -1,0 +1,891 @@
+"""Benchmark suite (tracker issue 4): what DenoiseRep costs at inference and in training.
+
+    python -m denoiserep.bench                       # full CPU run, rewrites BENCHMARKS.md
+    python -m denoiserep.bench --quick --output /tmp/b.md
+    python -m denoiserep.bench --device cuda --dtype bf16 --batch 32 --output BENCHMARKS_GPU.md
+
+Sections: ``inference`` (params, FLOPs and latency of baseline / converted / fused /
+DenoiseRep⁻), ``training`` (step time, peak memory and parameter count of the denoiser
+phase against plain fine-tuning) and ``accuracy`` (delegated to
+``denoiserep.bench_accuracy.run_accuracy`` when that module exists).
+
+Latency on a shared machine drifts, so every comparison is timed interleaved (A B A B …,
+the order rotated each round) and reported as the median of per-round ratios, never as a
+ratio of absolute times taken at different moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import importlib
+import importlib.util
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+import denoiserep as dr
+from denoiserep.config import DenoiseConfig
+from denoiserep.fuse import _eval_outputs, _relative_error
+
+SECTIONS = ("inference", "training", "accuracy")
+DENOISE_MINUS_SWEEP = (1, 10, 50, 100)
+PAPER_DENOISE_MINUS_OVERHEAD = 0.15  # TransReID-SSL, +15% inference time (the paper's table)
+REFERENCE_STEP_RATIO = 1.58  # the authors' released code, ViT-S, batch 8, 2 CPU threads
+REFERENCE_DENOISER_PARAMS = (133e6, 22e6)  # the authors' code: denoiser vs ViT-S backbone parameters
+TARGET_FUSED_LATENCY = (0.98, 1.02)
+TARGET_STEP_RATIO = 1.3
+TARGET_MEMORY_RATIO = 1.5
+TARGET_PARAMS_FULL = 1.0
+TARGET_PARAMS_LOW_RANK = 0.1
+TARGET_FUSE_SECONDS = ("vit_base_patch16_224", 2.0)  # CPU target
+MIB = 2**20
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run depends on; the defaults per device are chosen in `settings_from_args`."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    quick: bool = False
+    infer_batch: int = 1
+    train_batch: int = 8
+    precise_rounds: int = 30  # baseline vs fused vs DenoiseRep⁻ at the matched step count
+    dense_precise_rounds: int = 10  # the same for detection / segmentation (long calls)
+    sweep_rounds: int = 3  # baseline vs unfused vs the DenoiseRep⁻ step sweep
+    dense_sweep_rounds: int = 2
+    train_rounds: int = 5
+    warmup: int = 2
+    train_warmup: int = 1  # after the FLOP-counted step, which warms up too
+    step_sweep: tuple[int, ...] = DENOISE_MINUS_SWEEP
+    profile_training: bool = True
+    threads: int | None = None  # torch CPU threads; None keeps torch's default
+
+
+def apply_threads(settings: Settings) -> None:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """CPU: batch 1 at inference and 8 in training (the reference measurement's batch);
+    CUDA: the given batch everywhere and more rounds, since calls are short."""
+    if args.device == "cuda":
+        batch = args.batch or 32
+        base = Settings(device="cuda", infer_batch=batch, train_batch=batch, precise_rounds=50,
+                        dense_precise_rounds=30, sweep_rounds=10, dense_sweep_rounds=5, train_rounds=10, warmup=5)
+    else:
+        base = Settings(infer_batch=args.batch or 1, train_batch=args.batch or 8)
+    if args.quick:
+        base = replace(base, infer_batch=args.batch or 1, train_batch=args.batch or 2, precise_rounds=3,
+                       dense_precise_rounds=2, sweep_rounds=2, dense_sweep_rounds=1, train_rounds=2, warmup=1,
+                       train_warmup=0, step_sweep=(1, 10), profile_training=False)
+    return replace(base, dtype=args.dtype, quick=args.quick, threads=args.threads)
+
+
+def autocast(settings: Settings) -> contextlib.AbstractContextManager:
+    """bf16 runs under autocast (weights stay float32, as a user would deploy them)."""
+    if settings.dtype == "bf16":
+        return torch.autocast(settings.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -- interleaved timing --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median and interquartile range of one callable, and of its per-round ratio to the baseline."""
+
+    median_s: float
+    iqr_s: float
+    ratio: float
+    ratio_iqr: float
+
+
+def cpu_clock(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cuda_clock(fn: Callable[[], object]) -> float:
+    """CUDA events time the device work, not the host's kernel launches."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def clock_for(settings: Settings) -> Callable[[Callable[[], object]], float]:
+    return cuda_clock if settings.device == "cuda" else cpu_clock
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    clock: Callable[[Callable[[], object]], float] = cpu_clock,
+    desc: str = "timing",
+) -> dict[str, list[float]]:
+    """Seconds per call, one call of each callable per round.
+
+    The order rotates every round (A B C, B C A, …) so that no callable always runs right
+    after the same neighbour (caches, CPU frequency); background load then hits all of
+    them alike, which is what makes per-round ratios meaningful on a shared machine.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with tqdm(total=rounds * len(names), desc=desc, file=sys.stderr, leave=False) as progress:
+        for r in range(rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name].append(clock(fns[name]))
+                progress.update()
+    return times
+
+
+def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, Timing]:
+    """Median/IQR per callable; the ratio is the median over rounds of ``t / t_baseline``."""
+    base = np.asarray(times[baseline])
+    out = {}
+    for name, values in times.items():
+        t = np.asarray(values)
+        q1, q2, q3 = np.percentile(t, [25, 50, 75])
+        r1, r2, r3 = np.percentile(t / base, [25, 50, 75])
+        out[name] = Timing(float(q2), float(q3 - q1), float(r2), float(r3 - r1))
+    return out
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], baseline: str, rounds: int, warmup: int = 1,
+    clock: Callable[[Callable[[], object]], float] = cpu_clock, desc: str = "timing",
+) -> dict[str, Timing]:
+    return summarize(interleaved_times(fns, rounds, warmup, clock, desc), baseline)
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked architecture. ``kind`` decides the inputs, what gets converted and
+    where the DenoiseRep⁻ head goes; ``init`` is the denoisers' initialisation."""
+
+    name: str  # the timm / torchvision constructor
+    kind: str  # "classification" | "detection" | "segmentation"
+    image_size: int
+    cpu_image_size: int | None = None
+    timm_kwargs: tuple[tuple[str, Any], ...] = ()
+    init: str = "random"
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in self.timm_kwargs if k != "img_size")
+        return f"{self.name} ({extra})" if extra else self.name
+
+    def size(self, settings: Settings) -> int:
+        return self.cpu_image_size if settings.device == "cpu" and self.cpu_image_size else self.image_size
+
+    def build(self, settings: Settings) -> nn.Module:
+        if self.kind == "classification":
+            return timm.create_model(self.name, **dict(self.timm_kwargs))
+        if self.kind == "detection":
+            size = self.size(settings)
+            return torchvision.models.detection.fasterrcnn_resnet50_fpn(
+                weights=None, weights_backbone=None, min_size=size, max_size=size
+            )
+        return torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, aux_loss=False)
+
+
+CLASSIFIERS = [ModelSpec(n, "classification", 224) for n in (
+    "vit_small_patch16_224", "vit_base_patch16_224", "swinv2_cr_tiny_ns_224", "resnet50", "convnext_tiny")]
+# Random proposals make the detector's cost depend on its weights; identity-initialised
+# denoisers keep the fused detector's proposals, hence its FLOPs, comparable to the baseline's.
+DETECTOR = ModelSpec("fasterrcnn_resnet50_fpn", "detection", 512, cpu_image_size=256, init="identity")
+SEGMENTER = ModelSpec("fcn_resnet50", "segmentation", 512, cpu_image_size=160)
+# Quick mode: a 4-block ViT-Ti at 64 px, so that the smoke test stays well under a minute.
+QUICK_VIT = ModelSpec("vit_tiny_patch16_224", "classification", 64, timm_kwargs=(("img_size", 64), ("depth", 4)))
+
+
+def inference_specs(settings: Settings) -> list[ModelSpec]:
+    return [QUICK_VIT] if settings.quick else [*CLASSIFIERS, DETECTOR, SEGMENTER]
+
+
+def training_specs(settings: Settings) -> list[ModelSpec]:
+    return [QUICK_VIT] if settings.quick else [CLASSIFIERS[0], CLASSIFIERS[3]]
+
+
+def model_inputs(spec: ModelSpec, batch: int, settings: Settings) -> tuple:
+    """Positional arguments of ``model(...)``: a tensor, or a list of images for detection."""
+    size, device = spec.size(settings), settings.device
+    if spec.kind == "detection":
+        return ([torch.rand(3, size, size, device=device) for _ in range(batch)],)
+    return (torch.randn(batch, 3, size, size, device=device),)
+
+
+def conversion_root(spec: ModelSpec, model: nn.Module) -> nn.Module:
+    """Detection converts its backbone (ResNet-50 body + FPN), as issue 4 asks; RPN and RoI
+    heads stay plain. The other models are converted whole (timm's classifier excluded)."""
+    return model.backbone if spec.kind == "detection" else model
+
+
+def root_example(spec: ModelSpec, settings: Settings) -> torch.Tensor:
+    size = spec.size(settings)
+    return torch.randn(1, 3, size, size, device=settings.device)
+
+
+def benchmark_config(spec: ModelSpec, **overrides: Any) -> DenoiseConfig:
+    """keep_state_dict_keys: the fused model must load into the original architecture (Swin's
+    bias-free patch-merging ``reduction`` layers are left out for that)."""
+    return DenoiseConfig(init=spec.init, keep_state_dict_keys=True, **overrides)
+
+
+def convert_quietly(root: nn.Module, config: DenoiseConfig, example: torch.Tensor) -> None:
+    """The skipped layers are reported in the conversion table, not as warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dr.convert(root, config, example_inputs=example)
+
+
+# -- DenoiseRep⁻ ---------------------------------------------------------------------------
+
+
+class DenoiseMinusClassifier(nn.Module):
+    """DenoiseRep⁻ on a timm classifier: features → pre-logits → DenoiseHead(steps) → classifier.
+
+    Shares the baseline's modules (it adds only the head), so it costs no copy of the backbone.
+    """
+
+    def __init__(self, model: nn.Module, steps: int):
+        super().__init__()
+        self.model = model
+        self.head = dr.DenoiseHead(model.get_classifier().in_features, steps=steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return self.model.get_classifier()(self.head(pooled))
+
+
+class PerLocationHead(nn.Module):
+    """DenoiseRep⁻ for dense models: the head denoises every RoI feature (N, C) or every
+    pixel of a feature map (B, C, H, W), since there is no single feature vector per image."""
+
+    def __init__(self, head: dr.DenoiseHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            return self.head(x)
+        b, c, h, w = x.shape
+        rows = self.head(x.permute(0, 2, 3, 1).reshape(-1, c))
+        return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def denoise_minus_model(spec: ModelSpec, baseline: nn.Module, steps: int) -> nn.Module:
+    """Detection: the head on each RoI's box-head feature (1024-d), before the box predictor.
+    Segmentation: on each pixel of the backbone's output map (2048-d), before the FCN head."""
+    if spec.kind == "classification":
+        model = DenoiseMinusClassifier(baseline, steps)
+    elif spec.kind == "detection":
+        model = copy.deepcopy(baseline)
+        box_head = model.roi_heads.box_head
+        model.roi_heads.box_head = nn.Sequential(box_head, PerLocationHead(dr.DenoiseHead(box_head.fc7.out_features, steps=steps)))
+    else:
+        model = copy.deepcopy(baseline)
+        model.classifier = nn.Sequential(PerLocationHead(dr.DenoiseHead(model.classifier[0].in_channels, steps=steps)), model.classifier)
+    return model.to(next(baseline.parameters()).device).eval()
+
+
+# -- inference -----------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionInfo:
+    model: str
+    scope: str
+    image_size: int
+    converted: int
+    candidates: int
+    skipped: str
+    backbone_params: int
+    denoiser_params: int
+    fuse_s: float
+    added_biases: int
+    relative_error: float
+    keys_equal: bool
+
+
+@dataclass
+class VariantRow:
+    model: str
+    variant: str
+    params: int
+    flops: int
+    timing: Timing | None = None
+
+
+@dataclass
+class InferenceResult:
+    conversions: list[ConversionInfo] = field(default_factory=list)
+    rows: list[VariantRow] = field(default_factory=list)
+    matched: dict[str, int] = field(default_factory=dict)
+
+
+def count_flops(model: nn.Module, inputs: tuple, settings: Settings) -> int:
+    """FLOPs of one forward as torch's FlopCounterMode counts them (matmuls and convolutions)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), autocast(settings):
+        model(*inputs)
+    return counter.get_total_flops()
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_fn(model: nn.Module, inputs: tuple, settings: Settings) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad(), autocast(settings):
+            return model(*inputs)
+
+    return run
+
+
+def skipped_layers(root: nn.Module, converted_root: nn.Module, config: DenoiseConfig) -> tuple[int, str]:
+    """How many layers of the configured types there are, and which kinds were left out
+    (grouped by their last name component, e.g. ``head ×1, reduction ×3``)."""
+    typed = [n for n, m in root.named_modules() if n and isinstance(m, tuple(config.layer_types))]
+    converted = {name for name, _, _ in dr.layer_denoisers(converted_root)}
+    left_out = Counter(name.split(".")[-1] for name in typed if name not in converted)
+    return len(typed), ", ".join(f"{k} ×{v}" for k, v in sorted(left_out.items())) or "none"
+
+
+def fuse_and_check(spec: ModelSpec, converted: nn.Module, baseline: nn.Module, inputs: tuple) -> tuple[nn.Module, float, int, float, bool]:
+    """Fuse a copy of the converted model (timed), and check it against the unfused one and
+    against the original architecture's state_dict keys."""
+    fused = copy.deepcopy(converted)
+    start = time.perf_counter()
+    _, report = dr.fuse(conversion_root(spec, fused), return_report=True)
+    fuse_s = time.perf_counter() - start
+    error = _relative_error(_eval_outputs(converted, inputs), _eval_outputs(fused, inputs))
+    keys_equal = list(fused.state_dict()) == list(baseline.state_dict())
+    return fused.eval(), fuse_s, len(report.added_biases), error, keys_equal
+
+
+def benchmark_model(spec: ModelSpec, settings: Settings, result: InferenceResult) -> None:
+    """Convert, fuse, count and time one architecture; appends its rows to ``result``."""
+    torch.manual_seed(0)
+    device, batch = settings.device, settings.infer_batch
+    baseline = spec.build(settings).to(device).eval()
+    inputs = model_inputs(spec, batch, settings)
+    config = benchmark_config(spec)
+    converted = copy.deepcopy(baseline)
+    convert_quietly(conversion_root(spec, converted), config, root_example(spec, settings))
+    converted.eval()
+    fused, fuse_s, added, error, keys_equal = fuse_and_check(spec, converted, baseline, inputs)
+    num_layers = sum(1 for _ in dr.layer_denoisers(converted))
+    candidates, skipped = skipped_layers(conversion_root(spec, baseline), conversion_root(spec, converted), config)
+    backbone_params = count_params(baseline)
+    result.conversions.append(ConversionInfo(
+        spec.label, "backbone (body + FPN)" if spec.kind == "detection" else "whole model",
+        spec.size(settings), num_layers, candidates, skipped, backbone_params,
+        sum(p.numel() for p in dr.denoiser_parameters(converted)), fuse_s, added, error, keys_equal))
+
+    # DenoiseRep runs the reverse chain t = N … 1 across the N denoised layers; the matched
+    # DenoiseRep⁻ runs the same chain, N steps, on the final feature.
+    steps = num_layers
+    result.matched[spec.label] = steps
+    dense = spec.kind != "classification"
+    # Dense DenoiseRep⁻ runs the head once per RoI / pixel: too slow to time at N steps on
+    # a CPU, so only the first points of the sweep are measured there.
+    sweep = [s for s in settings.step_sweep if s <= 10] if dense else [s for s in settings.step_sweep if s != steps]
+    variants: dict[str, nn.Module] = {"baseline": baseline, "converted (unfused)": converted, "fused": fused}
+    matched_label = f"DenoiseRep⁻ T={steps} (matched)"
+    if not dense:
+        variants[matched_label] = denoise_minus_model(spec, baseline, steps)
+    for s in sweep:
+        variants[f"DenoiseRep⁻ T={s}"] = denoise_minus_model(spec, baseline, s)
+
+    flops = {label: count_flops(model, inputs, settings) for label, model in variants.items()}
+    if flops["fused"] != flops["baseline"]:
+        raise AssertionError(f"{spec.label}: fused FLOPs {flops['fused']} != baseline FLOPs {flops['baseline']}")
+
+    run = {label: forward_fn(model, inputs, settings) for label, model in variants.items()}
+    clock = clock_for(settings)
+    precise = ["baseline", "fused"] + ([] if dense else [matched_label])
+    timings = time_interleaved({k: run[k] for k in precise}, "baseline",
+                               settings.dense_precise_rounds if dense else settings.precise_rounds,
+                               settings.warmup, clock, f"{spec.label} baseline/fused")
+    sweep_labels = ["baseline"] + [k for k in variants if k not in precise]
+    sweep_timings = time_interleaved({k: run[k] for k in sweep_labels}, "baseline",
+                                     settings.dense_sweep_rounds if dense else settings.sweep_rounds,
+                                     1, clock, f"{spec.label} sweep")
+    timings.update({k: v for k, v in sweep_timings.items() if k != "baseline"})
+    for label, model in variants.items():
+        result.rows.append(VariantRow(spec.label, label, count_params(model), flops[label], timings[label]))
+
+
+def run_inference(settings: Settings) -> InferenceResult:
+    result = InferenceResult()
+    for spec in tqdm(inference_specs(settings), desc="inference", file=sys.stderr):
+        benchmark_model(spec, settings, result)
+    return result
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainVariant:
+    """``denoiser=None`` is plain fine-tuning: every parameter trains on cross-entropy."""
+
+    label: str
+    denoiser: str | None = None
+    loss_token_fraction: float = 1.0
+
+
+TRAIN_VARIANTS = (
+    TrainVariant("plain fine-tuning"),
+    TrainVariant("denoisers, full rank, fraction 1.0", "full", 1.0),
+    TrainVariant("denoisers, full rank, fraction 0.1", "full", 0.1),
+    TrainVariant("denoisers, low rank (r=8), fraction 1.0", "low_rank", 1.0),
+    TrainVariant("denoisers, low rank (r=8), fraction 0.1", "low_rank", 0.1),
+)
+
+
+@dataclass
+class TrainInfo:
+    trainable: int
+    denoiser: int
+    backbone: int
+
+
+def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settings) -> tuple[Callable[[], None], TrainInfo]:
+    """One optimizer step of either phase, at the same batch and with the same optimizer (AdamW).
+
+    Denoiser phase: converted model, only the denoisers train, loss = 0.5·CE + 0.5·denoise_loss.
+    """
+    torch.manual_seed(0)
+    model = spec.build(settings).to(settings.device).train()
+    (x,) = model_inputs(spec, settings.train_batch, settings)
+    y = torch.randint(0, model.num_classes, (settings.train_batch,), device=settings.device)
+    backbone = count_params(model)
+    if variant.denoiser is None:
+        params = list(model.parameters())
+        info = TrainInfo(sum(p.numel() for p in params), 0, backbone)
+
+        def loss_fn() -> torch.Tensor:
+            return F.cross_entropy(model(x), y)
+    else:
+        config = benchmark_config(spec, denoiser=variant.denoiser, loss_token_fraction=variant.loss_token_fraction)
+        convert_quietly(model, config, x[:1])
+        counts = dr.set_trainable(model, denoisers=True, backbone=False)
+        params = list(dr.denoiser_parameters(model))
+        info = TrainInfo(counts["denoisers"], counts["denoisers"], backbone)
+
+        def loss_fn() -> torch.Tensor:
+            return 0.5 * F.cross_entropy(model(x), y) + 0.5 * dr.denoise_loss(model)
+
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(settings):
+            loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+
+    return step, info
+
+
+def _proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def measure_training_memory(spec: ModelSpec, variant: TrainVariant, settings: Settings, steps: int = 2) -> int:
+    """Peak bytes a few training steps need, in a fresh process (see `peak_training_memory`).
+
+    CPU: resident-set high-water mark (VmHWM) minus the RSS before the model was built, so
+    it counts weights, denoisers, gradients, optimizer state and activations, but not the
+    interpreter and libraries. CUDA: ``torch.cuda.max_memory_allocated``.
+    """
+    apply_threads(settings)
+    if settings.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step, _ = build_training_step(spec, variant, settings)
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    before = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    step, _ = build_training_step(spec, variant, settings)
+    for _ in range(steps):
+        step()
+    return (_proc_status_kib("VmHWM") - before) * 1024
+
+
+def peak_training_memory(spec: ModelSpec, variant: TrainVariant, settings: Settings) -> int:
+    """One fresh process per measurement: allocators keep freed memory, so measuring several
+    variants in one process would let each inherit the previous one's heap. The forkserver
+    has the heavy libraries imported already (cheap start) and never ran a parallel op (safe
+    to fork). Not `denoiserep.bench` itself: children re-run the main module by name, and a
+    preloaded copy of it would make runpy warn."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["denoiserep", "timm", "torchvision"])
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure_training_memory, spec, variant, settings).result()
+
+
+@dataclass
+class TrainRow:
+    model: str
+    variant: TrainVariant
+    info: TrainInfo
+    flops: int
+    timing: Timing
+    peak_bytes: int
+
+
+@dataclass
+class TrainingResult:
+    rows: list[TrainRow] = field(default_factory=list)
+    profile: list[tuple[str, float, int]] = field(default_factory=list)  # (op, share of step, calls)
+    profile_total_s: float = 0.0
+
+
+def count_step_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one training step, forward and backward (the optimizer's elementwise update is
+    not counted): the machine-independent counterpart of the step-time ratio."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def profile_step(step: Callable[[], None], top: int = 8) -> tuple[list[tuple[str, float, int]], float]:
+    """Top operators by self time in one step (torch.profiler), as shares of the step's total."""
+    step()
+    with torch.profiler.profile() as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [(e.key, e.self_cpu_time_total / total, e.count) for e in events[:top]], total / 1e6
+
+
+def run_training(settings: Settings) -> TrainingResult:
+    result = TrainingResult()
+    for spec in tqdm(training_specs(settings), desc="training", file=sys.stderr):
+        steps, infos = {}, {}
+        for variant in TRAIN_VARIANTS:
+            steps[variant.label], infos[variant.label] = build_training_step(spec, variant, settings)
+        flops = {label: count_step_flops(step) for label, step in steps.items()}
+        timings = time_interleaved(steps, TRAIN_VARIANTS[0].label, settings.train_rounds, settings.train_warmup,
+                                   clock_for(settings), f"{spec.label} training steps")
+        if settings.profile_training and spec == CLASSIFIERS[0]:
+            result.profile, result.profile_total_s = profile_step(steps[TRAIN_VARIANTS[1].label])
+        del steps
+        for variant in TRAIN_VARIANTS:
+            peak = peak_training_memory(spec, variant, settings)
+            result.rows.append(TrainRow(spec.label, variant, infos[variant.label], flops[variant.label],
+                                        timings[variant.label], peak))
+    return result
+
+
+# -- accuracy (hook for the pipeline owner) ------------------------------------------------
+
+
+def accuracy_section(quick: bool) -> str:
+    """Delegates to ``denoiserep.bench_accuracy.run_accuracy(quick) -> markdown`` once it exists."""
+    if importlib.util.find_spec("denoiserep.bench_accuracy") is None:
+        return "Not yet measured: `denoiserep.bench_accuracy` does not exist yet.\n"
+    return importlib.import_module("denoiserep.bench_accuracy").run_accuracy(quick)
+
+
+# -- markdown ------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def inference_markdown(result: InferenceResult) -> str:
+    conv = table(
+        ["model", "input", "converted", "layers", "left out", "backbone params", "denoiser params (full)",
+         "fuse (s)", "biases added", "fused vs unfused rel. err", "state_dict keys = original"],
+        [(c.model, f"{c.image_size}px", c.scope, f"{c.converted} of {c.candidates}", c.skipped, millions(c.backbone_params),
+          millions(c.denoiser_params), f"{c.fuse_s:.2f}", c.added_biases, f"{c.relative_error:.1e}", "yes" if c.keys_equal else "no")
+         for c in result.conversions])
+    rows = table(
+        ["model", "variant", "params", "GFLOPs", "latency median (ms)", "IQR (ms)", "ratio to baseline", "ratio IQR"],
+        [(r.model, r.variant, millions(r.params), f"{r.flops / 1e9:.2f}", f"{r.timing.median_s * 1e3:.1f}",
+          f"{r.timing.iqr_s * 1e3:.1f}", f"{r.timing.ratio:.3f}", f"{r.timing.ratio_iqr:.3f}") for r in result.rows])
+    return conv + "\n" + rows + "\n" + inference_findings(result)
+
+
+def inference_findings(result: InferenceResult) -> str:
+    """The 'what this shows' paragraph, computed from the numbers."""
+    by = {(r.model, r.variant): r for r in result.rows}
+    models = [c.model for c in result.conversions]
+    fused = {m: by[(m, "fused")] for m in models}
+    ratios = {m: r.timing.ratio for m, r in fused.items()}
+    lo, hi = TARGET_FUSED_LATENCY
+    outside = [f"{m} ({v:.3f})" for m, v in ratios.items() if not lo <= v <= hi]
+    unfused = [by[(m, "converted (unfused)")].timing.ratio for m in models]
+    lines = [
+        f"- **Fused FLOPs equal the baseline's** for all {len(models)} models (asserted by the run).",
+        f"- **Fused / baseline latency** (median of per-round ratios): {min(ratios.values()):.3f} – "
+        f"{max(ratios.values()):.3f}; target {lo:.2f}–{hi:.2f}: {met(not outside)}"
+        + (f" (outside: {', '.join(outside)})." if outside else "."),
+        f"- **Converted but unfused** costs {min(unfused):.1f}× – {max(unfused):.1f}× the baseline: the parametrization "
+        "recomputes every W′ = W (c3 I − c1 A) on each forward (out × d_in² per layer, independent of the batch). "
+        "That is the training-time path; deploy the fused model.",
+    ]
+    for m in models:
+        steps = result.matched[m]
+        row = by.get((m, f"DenoiseRep⁻ T={steps} (matched)"))
+        base = by[(m, "baseline")]
+        if row is not None:
+            lines.append(
+                f"- **DenoiseRep⁻ on {m}** at the matched T={steps}: +{(row.timing.ratio - 1) * 100:.0f}% latency, "
+                f"+{(row.flops / base.flops - 1) * 100:.1f}% FLOPs (paper: +{PAPER_DENOISE_MINUS_OVERHEAD * 100:.0f}% on TransReID-SSL).")
+        else:
+            one, ten = by[(m, "DenoiseRep⁻ T=1")], by.get((m, "DenoiseRep⁻ T=10"))
+            per_step = ((ten.flops - one.flops) / 9) if ten else (one.flops - base.flops)
+            lines.append(
+                f"- **DenoiseRep⁻ on {m}** (per RoI / per pixel): each step adds {per_step / 1e9:.2f} GFLOPs "
+                f"({per_step / base.flops * 100:.1f}% of the model); the matched T={steps} would add "
+                f"{steps * per_step / base.flops * 100:.0f}% FLOPs, so only T ≤ 10 was timed.")
+    target_model, target_s = TARGET_FUSE_SECONDS
+    fuse_times = {c.model: c.fuse_s for c in result.conversions}
+    if target_model in fuse_times:
+        lines.append(f"- **fuse time** {target_model}: {fuse_times[target_model]:.2f} s (target < {target_s:.0f} s on CPU: "
+                     f"{met(fuse_times[target_model] < target_s)}); single measurement per model.")
+    return "\n".join(lines) + "\n"
+
+
+def training_markdown(result: TrainingResult) -> str:
+    plain = {r.model: r for r in result.rows if r.variant.denoiser is None}
+    rows = table(
+        ["model", "phase", "trainable params", "denoiser / backbone params", "GFLOPs / step", "FLOPs ratio",
+         "step median (ms)", "IQR (ms)", "step ratio to plain", "ratio IQR", "peak memory (MiB)", "memory ratio to plain"],
+        [(r.model, r.variant.label, millions(r.info.trainable),
+          f"{r.info.denoiser / r.info.backbone:.2f}" if r.variant.denoiser else "—",
+          f"{r.flops / 1e9:.1f}", f"{r.flops / plain[r.model].flops:.2f}",
+          f"{r.timing.median_s * 1e3:.0f}", f"{r.timing.iqr_s * 1e3:.0f}", f"{r.timing.ratio:.2f}",
+          f"{r.timing.ratio_iqr:.2f}", f"{r.peak_bytes / MIB:.0f}", f"{r.peak_bytes / plain[r.model].peak_bytes:.2f}")
+         for r in result.rows])
+    out = rows + "\n" + training_findings(result)
+    if result.profile:
+        out += ("\nWhere the time goes in one denoiser-phase step (ViT-S, full rank, fraction 1.0; "
+                f"torch.profiler, {result.profile_total_s:.2f} s of operator self time):\n\n")
+        out += table(["operator", "share of self time", "calls"], [(k, f"{s * 100:.1f}%", n) for k, s, n in result.profile])
+    return out
+
+
+def training_findings(result: TrainingResult) -> str:
+    lines = []
+    plain = {r.model: r for r in result.rows if r.variant.denoiser is None}
+    for r in result.rows:
+        if r.variant.denoiser is None:
+            continue
+        memory = r.peak_bytes / plain[r.model].peak_bytes
+        params = r.info.denoiser / r.info.backbone
+        param_target = TARGET_PARAMS_FULL if r.variant.denoiser == "full" else TARGET_PARAMS_LOW_RANK
+        parts = [f"params {params:.2f}× backbone (≤ {param_target:g}: {met(params <= param_target)})"]
+        flops = r.flops / plain[r.model].flops
+        if r.variant.denoiser == "full":
+            parts.insert(0, f"step {r.timing.ratio:.2f}× plain (≤ {TARGET_STEP_RATIO}: {met(r.timing.ratio <= TARGET_STEP_RATIO)}; "
+                            f"FLOPs {flops:.2f}×)")
+            parts.insert(1, f"memory {memory:.2f}× (≤ {TARGET_MEMORY_RATIO}: {met(memory <= TARGET_MEMORY_RATIO)})")
+        else:
+            parts.insert(0, f"step {r.timing.ratio:.2f}× (FLOPs {flops:.2f}×), memory {memory:.2f}×")
+        lines.append(f"- **{r.model}, {r.variant.label}**: " + "; ".join(parts) + ".")
+    ref_denoiser, ref_backbone = REFERENCE_DENOISER_PARAMS
+    lines.append(f"- Reference (the authors' released code, ViT-S, batch 8, 2 CPU threads): denoiser step "
+                 f"{REFERENCE_STEP_RATIO}× plain fine-tuning, {ref_denoiser / 1e6:.0f}M denoiser parameters for a "
+                 f"{ref_backbone / 1e6:.0f}M backbone ({ref_denoiser / ref_backbone:.1f}×).")
+    return "\n".join(lines) + "\n"
+
+
+def machine_markdown(settings: Settings, argv: Sequence[str], load: tuple[float, float]) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    device = torch.cuda.get_device_name() if settings.device == "cuda" else f"CPU ({cpu})"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return table(["", ""], [
+        ("device", device),
+        ("CPU", f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                f"{torch.backends.cpu.get_cpu_capability()}, {ram:.0f} GiB RAM"),
+        ("versions", f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+                     f"torchvision {torchvision.__version__}, denoiserep {dr.__version__}"),
+        ("precision / batch", f"{settings.dtype}; inference batch {settings.infer_batch}, training batch {settings.train_batch}"),
+        ("load average (1 min) at start / end", f"{load[0]:.2f} / {load[1]:.2f} (other jobs share this machine)"),
+        ("date (UTC)", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")),
+        ("command", f"`python -m denoiserep.bench {' '.join(argv)}`".replace("  ", " ")),
+    ])
+
+
+INFERENCE_SETUP = """\
+Rows per model: the original model (**baseline**), the **converted** model before fusion (denoisers
+attached, the training-time path), the **fused** model, and **DenoiseRep⁻** (the baseline with a
+`DenoiseHead` of T reverse steps between its final feature and its classifier; random weights).
+Classifiers (timm) take `forward_features → forward_head(pre_logits=True) → DenoiseHead → get_classifier()`;
+Faster R-CNN is converted in its backbone (ResNet-50 body + FPN, `model.backbone`) and its DenoiseRep⁻
+denoises every RoI's 1024-d box-head feature; FCN is converted whole and its DenoiseRep⁻ denoises
+every pixel of the backbone's 2048-d output map. Detection and segmentation run at a smaller image
+size on CPU (table below); every model uses random weights (nothing is downloaded).
+
+**Step count of DenoiseRep⁻.** The paper does not state T for DenoiseRep⁻; it reports +15% inference
+time on TransReID-SSL. DenoiseRep itself runs the reverse chain t = N … 1 once, one step per
+denoised embedding layer (t_i = N − i + 1). The matched DenoiseRep⁻ runs that same chain, N steps,
+on the final feature: **T = N, the number of converted layers of the model** (e.g. 49 for ViT-S).
+The sweep (T = 1, 10, 50, 100) shows how the cost scales.
+
+**Timing.** Latency is the median over interleaved rounds (each round calls every variant once,
+the order rotating), after warm-up; each ratio is the median of per-round ratios to the baseline
+timed in the same rounds, with its interquartile range. Baseline / fused / matched DenoiseRep⁻ are
+timed together with many rounds (the ±2% question needs them); the unfused model and the step sweep
+in a second, shorter interleaved group with its own baseline. FLOPs: `torch.utils.flop_counter`
+(matmuls and convolutions). Denoisers are randomly initialised (as after training), except in the
+detector: its proposals, hence its FLOPs, depend on its weights, so it uses the identity init.
+"""
+
+TRAINING_SETUP = """\
+One optimizer step (AdamW, lr 1e-4) at the same batch, 224 px, random labels: **plain fine-tuning**
+(every parameter trains, cross-entropy) against the **denoiser phase** (converted model,
+`set_trainable(denoisers=True, backbone=False)`, loss = 0.5·CE + 0.5·`denoise_loss`), with full-rank and
+low-rank (rank 8) denoisers and with the noise loss on all positions (`loss_token_fraction` 1.0)
+or on a random 10%. Step time as in the inference section (interleaved, per-round ratios); FLOPs per
+step (forward + backward, `FlopCounterMode`) are the machine-independent counterpart of the step ratio.
+
+**Peak memory**, one fresh process per measurement (allocators keep freed memory, so variants must
+not share a process): on CPU the resident-set high-water mark (`VmHWM`) over two steps (the second is the steady state: weights, gradients, optimizer state and activations at once) minus the
+RSS just before the model was built, i.e. weights, denoisers, gradients, optimizer state and
+activations, without the interpreter and libraries; on CUDA `torch.cuda.max_memory_allocated`.
+"""
+
+
+def render(settings: Settings, argv: Sequence[str], sections: Sequence[str], parts: dict[str, str], load: tuple[float, float]) -> str:
+    mode = "quick mode (tiny model, few repetitions: a smoke test, not a measurement)" if settings.quick else "full run"
+    out = [f"# Benchmarks\n\nGenerated by `denoiserep.bench` ({mode}); rerun to refresh. Tracker issue 4.\n",
+           "## Machine and command\n", machine_markdown(settings, argv, load)]
+    titles = {"inference": "## 1. Inference cost\n", "training": "## 2. Training cost\n", "accuracy": "## 3. Accuracy\n"}
+    setups = {"inference": INFERENCE_SETUP, "training": TRAINING_SETUP, "accuracy": ""}
+    for section in SECTIONS:
+        out.append(titles[section])
+        out.append(setups[section] + "\n" + parts[section] if section in sections else "Not run (not in `--sections`).\n")
+    out.append("## GPU\n")
+    out.append(gpu_markdown(settings))
+    return "\n".join(out)
+
+
+def gpu_markdown(settings: Settings) -> str:
+    if settings.device == "cuda":
+        return f"Measured on {torch.cuda.get_device_name()} (this file).\n"
+    state = "a CUDA device was available but not used" if torch.cuda.is_available() else "this machine has no CUDA device"
+    return (f"Not measured in this run ({state}). On a CUDA machine, `bash benchmarks/gpu.sh` runs sections 1–2 "
+            "with CUDA-event timing, bf16 autocast and batch 32, and writes `BENCHMARKS_GPU.md`.\n")
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+def run(settings: Settings, sections: Sequence[str] = SECTIONS, argv: Sequence[str] = ()) -> str:
+    """Run the requested sections and return the whole BENCHMARKS markdown."""
+    apply_threads(settings)
+    load_start = os.getloadavg()[0]
+    parts: dict[str, str] = {}
+    if "inference" in sections:
+        parts["inference"] = inference_markdown(run_inference(settings))
+    if "training" in sections:
+        parts["training"] = training_markdown(run_training(settings))
+    if "accuracy" in sections:
+        parts["accuracy"] = accuracy_section(settings.quick)
+    return render(settings, argv, sections, parts, (load_start, os.getloadavg()[0]))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader never sees a half-written file: write a temp file beside it, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m denoiserep.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, few repetitions (< 60 s): a smoke test")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bf16"), default="float32", help="bf16 = autocast")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch for both sections (default: CPU 1 at inference, 8 in training; CUDA 32)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core); 1 suffers least from other jobs")
+    parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    text = run(settings_from_args(args), args.sections, argv)
+    write_atomically(args.output, text)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, so that what the memory probes pickle is
+    # `denoiserep.bench.X`, which their fresh processes can import (not `__main__.X`).
+    from denoiserep.bench import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,223 @@
+"""`denoiserep` command line: demo, train, fuse, evaluate, bench.
+
+Every flag of `train` overrides the same field of ``--config FILE.yaml`` (TrainConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .train.config import TrainConfig
+
+# Flags of `train`/`demo` that map one-to-one onto TrainConfig fields.
+_CONFIG_FLAGS: list[tuple[str, str, dict]] = [
+    ("--task", "task", {"choices": ["classification", "reid"]}),
+    ("--data", "data", {"help": "digits | mnist1d | imagefolder:PATH | cifar10:PATH | cifar100:PATH | PATH"}),
+    ("--extra-data", "extra_data", {"nargs": "+", "help": "unlabeled image folders for the label-free loss"}),
+    ("--denoise-data", "denoise_data", {"help": "train the denoisers on this unlabeled image folder (label-free)"}),
+    ("--image-size", "image_size", {"type": int}),
+    ("--model", "model", {"help": "any timm model name (default: the embedded dataset's model)"}),
+    ("--model-kwargs", "model_kwargs", {"type": json.loads, "help": "JSON, e.g. '{\"img_size\": 32}'"}),
+    ("--init", "init", {"help": "start the baseline from this checkpoint (.safetensors/.pth)"}),
+    ("--epochs", "epochs", {"type": int, "help": "baseline epochs (0 with --init: evaluate only)"}),
+    ("--extra-epochs", "extra_epochs", {"type": int, "help": "epochs of control / denoise / head"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "global batch (split across processes)"}),
+    ("--eval-batch-size", "eval_batch_size", {"type": int}),
+    ("--opt", "opt", {"help": "timm optimizer name"}),
+    ("--lr", "lr", {"type": float}),
+    ("--extra-lr", "extra_lr", {"type": float}),
+    ("--weight-decay", "weight_decay", {"type": float}),
+    ("--sched", "sched", {"help": "timm scheduler name"}),
+    ("--warmup-epochs", "warmup_epochs", {"type": int}),
+    ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--mixup", "mixup", {"type": float}),
+    ("--cutmix", "cutmix", {"type": float}),
+    ("--grad-clip", "grad_clip", {"type": float}),
+    ("--amp", "amp", {"choices": ["none", "bf16"]}),
+    ("--ema", "ema_decay", {"type": float, "help": "EMA decay, e.g. 0.999"}),
+    ("--lambda", "lam", {"type": float, "help": "Loss = (1 − λ)·task + λ·denoise"}),
+    ("--alternate-every", "alternate_every", {"type": int, "help": "authors' option: swap denoisers/backbone every K epochs"}),
+    ("--head-steps", "head_steps", {"type": int, "help": "DenoiseRep⁻ reverse steps"}),
+    ("--device", "device", {"choices": ["auto", "cpu", "cuda"]}),
+    ("--workers", "workers", {"type": int}),
+    ("--output", "output", {}),
+    ("--name", "name", {}),
+]
+# DenoiseConfig fields settable from the command line (stored under TrainConfig.denoise).
+_DENOISE_FLAGS: list[tuple[str, str, dict]] = [
+    ("--schedule", "schedule", {"choices": ["linear", "ddpm", "cosine"]}),
+    ("--timestep-range", "timestep_range", {"type": int, "nargs": 2, "metavar": ("LO", "HI")}),
+    ("--denoiser", "denoiser", {"choices": ["full", "low_rank"]}),
+    ("--rank", "rank", {"type": int}),
+    ("--loss", "loss", {"choices": ["l1", "l2", "l1+l2"]}),
+    ("--loss-token-fraction", "loss_token_fraction", {"type": float}),
+    ("--target-modules", "target_modules", {"nargs": "+"}),
+    ("--exclude-modules", "exclude_modules", {"nargs": "+"}),
+]
+
+DEMO_DEFAULTS = {
+    "classification": {"data": "digits", "epochs": 30, "extra_epochs": 10, "name": "demo"},
+    "reid": {"task": "reid", "data": "digits-reid", "epochs": 20, "extra_epochs": 8, "name": "demo-reid"},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="denoiserep", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run pipeline stages (torchrun-compatible)")
+    train.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
+    train.add_argument("--stage", nargs="+", default=["all"],
+                       help="baseline | control | denoise | head | all (default: all)")
+    _add_config_flags(train)
+    train.add_argument("--label-free", action="store_true", default=None, help="λ = 1: no labels at all")
+    train.add_argument("--seeds", type=int, nargs="+", help="repeat the run per seed: mean ± std and paired Δ")
+    train.add_argument("--resume", action="store_true", help="continue unfinished stages, reuse finished ones")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on embedded data, no download (≤ 5 min on 2 cores)")
+    demo.add_argument("--task", choices=list(DEMO_DEFAULTS), default="classification")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0])
+    demo.add_argument("--epochs", type=int)
+    demo.add_argument("--extra-epochs", type=int)
+    demo.add_argument("--output", default="runs")
+    demo.add_argument("--name")
+    demo.add_argument("--resume", action="store_true")
+
+    fuse_cmd = sub.add_parser("fuse", help="fuse a denoise stage's checkpoint into plain safetensors weights")
+    fuse_cmd.add_argument("stage_dir", type=Path, help="e.g. runs/NAME/denoiserep-label-aug")
+    fuse_cmd.add_argument("--output", type=Path, help="default: STAGE_DIR/model.safetensors")
+
+    evaluate = sub.add_parser("evaluate", help="evaluate weights on a run's validation data")
+    evaluate.add_argument("--config", type=Path, required=True, help="the run's config.yaml")
+    evaluate.add_argument("--weights", type=Path, required=True, help="a .safetensors file from a run")
+
+    bench = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, dest, kwargs in _CONFIG_FLAGS + _DENOISE_FLAGS:
+        parser.add_argument(flag, dest=dest, default=None, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {dest: getattr(args, dest) for _, dest, _ in _CONFIG_FLAGS if getattr(args, dest) is not None}
+    if getattr(args, "label_free", None):
+        overrides["label_free"] = True
+    denoise = {dest: getattr(args, dest) for _, dest, _ in _DENOISE_FLAGS if getattr(args, dest) is not None}
+    base = TrainConfig.from_yaml(args.config).to_dict() if getattr(args, "config", None) else {}
+    if denoise:
+        overrides["denoise"] = {**base.get("denoise", {}), **denoise}
+    return TrainConfig.from_dict({**base, **overrides})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(args.bench_args)
+    from .train.engine import NonFiniteLossError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as error:
+        print(f"denoiserep {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    return _run(cfg, args.stage, args.seeds or [cfg.seed], args.resume)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    values = dict(DEMO_DEFAULTS[args.task])
+    values["output"] = args.output
+    for key in ("epochs", "extra_epochs", "name"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    cfg = TrainConfig.from_dict(values)
+    if args.task == "reid":
+        print("Note: this is a smoke demo of the ReID pipeline on digits treated as identities, "
+              "not a ReID benchmark.\n")
+    return _run(cfg, ["all"], args.seeds, args.resume)
+
+
+def _run(cfg: TrainConfig, stages: list[str], seeds: list[int], resume: bool) -> int:
+    from .tasks import create_task
+    from .train.distributed import init_distributed, shutdown_distributed
+    from .train.pipeline import run_pipeline, variant_specs
+
+    specs = variant_specs(stages, cfg.lam)
+    info, device = init_distributed(cfg.device)
+    try:
+        task = create_task(cfg)
+        task.build_model()  # fail on a bad model name or data before writing anything
+        result = run_pipeline(cfg, task, specs, seeds, info, device, resume=resume)
+    finally:
+        shutdown_distributed()
+    if info.is_main:
+        if result.table:
+            print(result.table)
+        if result.report:
+            print(f"\nreport: {result.report}")
+        for variant, stage_result in result.results[seeds[0]].items():
+            print(f"{variant}: {stage_result.metrics} -> {stage_result.weights}")
+    return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_state_dict_checked, save_fused
+    from .convert import ConversionState, apply_plan
+    from .fuse import fuse
+    from .tasks import create_task
+
+    checkpoint = args.stage_dir / "checkpoint.pt"
+    config_path = args.stage_dir.parent / "config.yaml"
+    if not checkpoint.exists() or not config_path.exists():
+        raise FileNotFoundError(
+            f"expected {checkpoint} and {config_path} (a denoise stage folder of a run); found neither or one"
+        )
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if payload.get("conversion") is None:
+        raise ValueError(f"{checkpoint} is not from a denoise stage: there are no denoisers to fuse")
+    cfg = TrainConfig.from_yaml(config_path)
+    model = create_task(cfg).build_model()
+    apply_plan(model, ConversionState.from_dict(payload["conversion"]))
+    load_state_dict_checked(model, payload["model"], checkpoint)
+    _, report = fuse(model.eval(), return_report=True)
+    output = args.output or args.stage_dir / "model.safetensors"
+    save_fused(model, output, metadata={"source": str(checkpoint)})
+    print(f"fused {len(report.layers)} layers (epoch {payload['epoch']}) -> {output}")
+    if report.added_biases:
+        print(f"layers that gained a bias: {', '.join(report.added_biases)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_fused
+    from .tasks import create_task
+    from .train.distributed import init_distributed
+
+    cfg = TrainConfig.from_yaml(args.config)
+    info, device = init_distributed(cfg.device)
+    task = create_task(cfg)
+    model = load_fused(task.build_model(), args.weights).to(device)
+    print(json.dumps(task.evaluate(model, info, device), indent=2))
+    return 0
+
+
+_COMMANDS = {"train": cmd_train, "demo": cmd_demo, "fuse": cmd_fuse, "evaluate": cmd_evaluate}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The pipeline's report: the comparison table, seed statistics, plots and report.md."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import atomic_write
+
+
+@dataclass
+class Row:
+    variant: str
+    metric: list[float]  # one value per seed
+    params: int
+    flops: int
+    latency_ms: float
+    fused_check: str = ""  # DenoiseRep rows: whether fused and unfused predictions agree
+
+
+def paired_delta(values: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean paired difference and the half-width of its 95% t-interval (nan for one seed)."""
+    diffs = [a - b for a, b in zip(values, reference)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, math.nan
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, half
+
+
+def format_table(rows: list[Row], metric_label: str, baseline: str = "baseline", control: str = "control") -> str:
+    """Markdown table; with several seeds, mean ± std and paired Δ with a 95% interval."""
+    by_name = {r.variant: r for r in rows}
+    base, ctrl = by_name[baseline], by_name.get(control)
+    multi = len(base.metric) > 1
+    header = ["variant", metric_label, "Δ vs baseline"]
+    if multi and ctrl is not None:
+        header.append("Δ vs control")
+    header += ["params", "FLOPs", "latency (ms/batch)", "latency ratio", "fused == unfused"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.variant, _mean_std(row.metric)]
+        cells.append("—" if row is base else _delta(row.metric, base.metric))
+        if multi and ctrl is not None:
+            cells.append("—" if row in (base, ctrl) else _delta(row.metric, ctrl.metric))
+        cells += [
+            f"{row.params:,}",
+            _si(row.flops),
+            f"{row.latency_ms:.2f}",
+            f"{row.latency_ms / base.latency_ms:.3f}",
+            row.fused_check or "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _delta(values: list[float], reference: list[float]) -> str:
+    mean, half = paired_delta(values, reference)
+    return f"{mean:+.2f}" if math.isnan(half) else f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def plot_report(run_dir: Path, histories: dict[str, list[dict]], rows: list[Row], metric_label: str) -> list[Path]:
+    """Loss curves per stage, the metric per variant, latency per variant (PNG files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        if epochs:
+            axes[0].plot(epochs, [h["loss"] for h in history], label=variant)
+            axes[1].plot(epochs, [h["denoise_loss"] for h in history], label=variant)
+    axes[0].set(title="training loss per stage", xlabel="epoch", ylabel="loss")
+    axes[1].set(title="noise-prediction loss", xlabel="epoch", ylabel="Loss_p")
+    axes[0].legend(fontsize=8)
+    paths.append(_save(fig, run_dir / "loss_curves.png"))
+
+    names = [r.variant for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    means = [statistics.fmean(r.metric) for r in rows]
+    errors = [statistics.stdev(r.metric) if len(r.metric) > 1 else 0.0 for r in rows]
+    ax.bar(names, means, yerr=errors, capsize=4, color="tab:blue")
+    low = min(m - e for m, e in zip(means, errors))
+    ax.set_ylim(max(0.0, low - 2.0), max(m + e for m, e in zip(means, errors)) + 1.0)
+    ax.set(title=f"{metric_label} per variant", ylabel=metric_label)
+    ax.tick_params(axis="x", rotation=20)
+    paths.append(_save(fig, run_dir / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(names, [r.latency_ms for r in rows], color="tab:orange")
+    ax.set(title="inference latency per variant (median, interleaved)", ylabel="ms / batch")
+    ax.tick_params(axis="x", rotation=20)
+    paths.append(_save(fig, run_dir / "latency.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, title: str, table: str, notes: list[str], plots: list[Path]) -> Path:
+    lines = [f"# {title}", "", table, ""]
+    lines += [f"- {note}" for note in notes]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    text = "\n".join(lines) + "\n"
+    return atomic_write(run_dir / "report.md", lambda tmp: Path(tmp).write_text(text))

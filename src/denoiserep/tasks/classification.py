@@ -1,0 +1,129 @@
+"""Image (and 1-D signal) classification: data, model, loss and top-1/top-5 evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+from ..data.classification import ClassificationData, load_classification_data, load_unlabeled_images
+from ..head import DenoiseHead
+from ..models import HeadedClassifier, create_model, default_model_for, feature_dim
+from ..train.config import TrainConfig
+from ..train.distributed import DistInfo, GlobalBatchSampler, all_reduce_sum, shard_indices
+
+
+class ClassificationTask:
+    """What the generic stages need from a task; see `denoiserep.train.stages`."""
+
+    name = "classification"
+    primary_metric = "top1"
+    metric_label = "top-1"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.data: ClassificationData = load_classification_data(cfg.data, image_size=cfg.image_size)
+        channels, size = self.data.input_shape[0], self.data.input_shape[-1]
+        self.extra: Dataset | None = None
+        if cfg.extra_data:
+            self.extra = ConcatDataset(
+                [load_unlabeled_images(p, image_size=size, in_chans=channels) for p in cfg.extra_data]
+            )
+        self.denoise_train: Dataset | None = None
+        if cfg.denoise_data:
+            self.denoise_train = load_unlabeled_images(cfg.denoise_data, image_size=size, in_chans=channels)
+
+    # -- model ------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        if self.cfg.model is None:
+            name, kwargs = default_model_for(self.data.name)
+        else:
+            name, kwargs = self.cfg.model, {}
+        kwargs.update(self.cfg.model_kwargs)
+        kwargs.setdefault("num_classes", self.data.num_classes)
+        if kwargs["num_classes"] != self.data.num_classes:
+            raise ValueError(
+                f"the model is built for {kwargs['num_classes']} classes but {self.data.name} has "
+                f"{self.data.num_classes}; drop num_classes from --model-kwargs"
+            )
+        if name != "mnist1d_cnn":
+            kwargs.setdefault("in_chans", self.data.input_shape[0])
+        return create_model(name, **kwargs)
+
+    def feature_dim(self, model: nn.Module) -> int:
+        return feature_dim(model)
+
+    def wrap_with_head(self, model: nn.Module, head: DenoiseHead) -> nn.Module:
+        """DenoiseRep⁻: denoise the pooled feature before the classifier."""
+        return HeadedClassifier(model, head)
+
+    def example_inputs(self, device: torch.device, batch: int = 2) -> torch.Tensor:
+        return torch.stack([self.data.val[i][0] for i in range(min(batch, len(self.data.val)))]).to(device)
+
+    # -- training -----------------------------------------------------------------------------
+    def train_loader(self, info: DistInfo, seed: int, epoch: int, for_denoisers: bool = False) -> DataLoader:
+        """Shuffled global batches; the denoise stage may train on ``--denoise-data`` instead."""
+        dataset = self.denoise_train if for_denoisers and self.denoise_train is not None else self.data.train
+        sampler = GlobalBatchSampler(len(dataset), self.cfg.batch_size, info, seed, epoch)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers)
+
+    @property
+    def denoise_data_is_unlabeled(self) -> bool:
+        return self.denoise_train is not None
+
+    def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
+        """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
+        if self.extra is None:
+            return None
+        batch = min(self.cfg.batch_size, len(self.extra) // info.world_size * info.world_size)
+        sampler = GlobalBatchSampler(len(self.extra), batch, info, seed + 1, epoch)
+        return DataLoader(self.extra, batch_sampler=sampler, num_workers=self.cfg.workers)
+
+    def mixup(self) -> Mixup | None:
+        if self.cfg.mixup <= 0 and self.cfg.cutmix <= 0:
+            return None
+        return Mixup(mixup_alpha=self.cfg.mixup, cutmix_alpha=self.cfg.cutmix,
+                     label_smoothing=self.cfg.label_smoothing, num_classes=self.data.num_classes)
+
+    def loss_fn(self, mixup_active: bool) -> nn.Module:
+        if mixup_active:
+            return SoftTargetCrossEntropy()
+        if self.cfg.label_smoothing > 0:
+            return LabelSmoothingCrossEntropy(self.cfg.label_smoothing)
+        return nn.CrossEntropyLoss()
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, info: DistInfo, device: torch.device,
+                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+        """Top-1/top-5 accuracy (%) and mean cross-entropy, summed exactly over ranks."""
+        was_training = model.training
+        model.eval()
+        subset = Subset(self.data.val, shard_indices(len(self.data.val), info))
+        loader = DataLoader(subset, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
+        correct1 = correct5 = loss_sum = count = 0.0
+        k = min(5, self.data.num_classes)
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(inputs)
+            logits = logits.float()
+            top = logits.topk(k, dim=1).indices
+            correct1 += (top[:, 0] == targets).sum().item()
+            correct5 += (top == targets[:, None]).any(dim=1).sum().item()
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            count += len(targets)
+        model.train(was_training)
+        correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], device)
+        return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count,
+                "loss": loss_sum / count, "samples": count}
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module, device: torch.device) -> torch.Tensor:
+        """Logits on the whole validation set (single process): used to compare fused vs unfused."""
+        model.eval()
+        loader = DataLoader(self.data.val, batch_size=self.cfg.eval_batch_size)
+        return torch.cat([model(inputs.to(device)).float().cpu() for inputs, _ in loader])

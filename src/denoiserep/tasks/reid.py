@@ -1,0 +1,465 @@
+"""Person re-identification: PK batches, ID + triplet loss, query/gallery mAP and CMC.
+
+``--data`` is ``digits-reid`` (embedded, see `denoiserep.data.digits_reid`) or a dataset spec
+of `denoiserep.data.reid.load_reid_spec`: ``market1501:PATH``, ``dukemtmc:PATH``,
+``msmt17:PATH``, ``cuhk03_labeled:PATH``, or several joined by commas, whose training sets are
+merged (identities and cameras kept disjoint). Evaluation always uses the FIRST dataset's
+query/gallery.
+
+Recipe (BoT / TransReID): P identities × K = 4 images per global batch, loss = ID cross-entropy (label smoothing
+``--label-smoothing`` as given; 0.1 is the usual value) + batch-hard triplet (margin 0.3) on
+the embedding before the BNNeck, inference on that embedding with cosine distance. Under
+torchrun the global batch is the single-process one cut into equal contiguous slices, and the
+triplet loss mines over the whole global batch (features are all-gathered), so a DDP run
+computes the same loss and gradient as one process with the same ``--batch-size``.
+
+Not supported: TransReID's side-information (camera) embedding: the generic training loop
+passes only images to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.loss import LabelSmoothingCrossEntropy
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
+from torchvision import transforms as T
+
+from ..convert import unwrap
+from ..data.classification import load_unlabeled_images
+from ..data.digits_reid import NAME as DIGITS_REID, DigitsReid, load_digits_reid
+from ..data.reid import MergedReidDataset, ReidSample, load_reid_spec
+from ..data.samplers import RandomIdentitySampler
+from ..head import DenoiseHead
+from ..metrics.reid import evaluate_features
+from ..models import default_model_for
+from ..models_reid import ReidModel, ReidTrainOutput, create_reid_model
+from ..train.config import TrainConfig
+from ..train.distributed import DistInfo, GlobalBatchSampler, shard_indices
+from .reid_losses import TripletLoss
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INPUT_SIZE = (256, 128)  # (H, W): the standard person-crop size
+NUM_INSTANCES = 4  # K images per identity in a batch (BoT / TransReID)
+TRIPLET_MARGIN = 0.3
+MAX_RANK = 10
+FUSED_RELATIVE_TOLERANCE = 1e-5  # the fusion contract: fused == unfused to float32 rounding
+
+
+# ----------------------------------------------------------------------------
+# Datasets, transforms, sampling
+# ----------------------------------------------------------------------------
+
+
+class _TensorReidDataset(Dataset):
+    """In-memory images with their identities: items ``(image, pid)``."""
+
+    def __init__(self, images: torch.Tensor, pids: torch.Tensor):
+        self.images, self.pids = images, pids
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.pids[index])
+
+
+class _ImageReidDataset(Dataset):
+    """Image files of ReID samples: items ``(transformed image, pid)`` (the engine's 2-tuples)."""
+
+    def __init__(self, samples: list[ReidSample], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        with Image.open(sample.path) as image:
+            return self.transform(image.convert("RGB")), sample.pid
+
+
+def reid_transforms(size: tuple[int, int], mean, std) -> tuple[T.Compose, T.Compose]:
+    """TransReID's train/eval pipelines: resize, flip, pad 10 + random crop, normalise, random erasing."""
+    normalize = T.Normalize(mean=mean, std=std)
+    resize = T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)
+    train = T.Compose([
+        resize, T.RandomHorizontalFlip(p=0.5), T.Pad(10), T.RandomCrop(size), T.ToTensor(), normalize,
+        T.RandomErasing(p=0.5, value=0),  # 0 after normalisation = the mean pixel
+    ])
+    return train, T.Compose([resize, T.ToTensor(), normalize])
+
+
+class PKBatchSampler(Sampler[list[int]]):
+    """P identities × K images per GLOBAL batch, each global batch cut into equal contiguous
+    slices, one per rank (rank r takes the r-th slice), like `GlobalBatchSampler`.
+
+    The global batches are `RandomIdentitySampler`'s (deterministic in ``seed`` and ``epoch``),
+    so every world size sees the same batches as a single process.
+    """
+
+    def __init__(self, pids, global_batch: int, num_instances: int, info: DistInfo, seed: int, epoch: int):
+        if global_batch % info.world_size:
+            raise ValueError(
+                f"the global batch size {global_batch} must be divisible by the number of processes "
+                f"({info.world_size}); change --batch-size or --nproc_per_node"
+            )
+        if global_batch % num_instances or global_batch // num_instances < 2:
+            raise ValueError(
+                f"--batch-size {global_batch} must be a multiple of K = {num_instances} images per identity, "
+                f"with at least 2 identities per batch for the triplet loss (e.g. {16 * num_instances} = 16 identities × {num_instances})"
+            )
+        sampler = RandomIdentitySampler(pids, global_batch, num_instances, seed=seed)
+        sampler.set_epoch(epoch)
+        self.batches = sampler.rank_batches()
+        self.local = global_batch // info.world_size
+        self.start = info.rank * self.local
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[self.start:self.start + self.local]
+
+
+# ----------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------
+
+
+class ReidLoss(nn.Module):
+    """``id_weight · CE_ls(logits, pids) + triplet_weight · batch-hard triplet(features, pids)``.
+
+    Under an initialised process group the triplet loss is computed on the features and
+    identities of the whole global batch (all-gathered; the other ranks' features are
+    constants) and its gradient scaled by the world size, so that DDP's gradient average
+    equals the single-process gradient exactly.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, margin: float | None = TRIPLET_MARGIN,
+                 id_weight: float = 1.0, triplet_weight: float = 1.0):
+        super().__init__()
+        self.id_loss = LabelSmoothingCrossEntropy(label_smoothing) if label_smoothing > 0 else nn.CrossEntropyLoss()
+        self.triplet = TripletLoss(margin=margin)
+        self.id_weight, self.triplet_weight = id_weight, triplet_weight
+
+    def forward(self, outputs: ReidTrainOutput, pids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, ReidTrainOutput):
+            raise TypeError(
+                f"the ReID loss needs the model's train-mode output (logits, features), got {type(outputs).__name__}; "
+                "call the ReidModel in train mode"
+            )
+        id_loss = self.id_loss(outputs.logits.float(), pids)
+        features = outputs.features.float()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world == 1:
+            return self.id_weight * id_loss + self.triplet_weight * self.triplet(features, pids)
+        all_features, all_pids = _gather_global_batch(features, pids)
+        triplet = self.triplet(all_features, all_pids)
+        triplet = triplet + (world - 1) * (triplet - triplet.detach())  # same value, local gradient × world
+        return self.id_weight * id_loss + self.triplet_weight * triplet
+
+
+def _gather_global_batch(features: torch.Tensor, pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (equal-size) batch slice in rank order; only this rank's part keeps its graph."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    feature_list = [torch.empty_like(features) for _ in range(world)]
+    pid_list = [torch.empty_like(pids) for _ in range(world)]
+    dist.all_gather(feature_list, features.detach().contiguous())
+    dist.all_gather(pid_list, pids.contiguous())
+    feature_list[rank] = features
+    return torch.cat(feature_list), torch.cat(pid_list)
+
+
+def _gather_rows(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
+    """Reassemble rows sharded by `shard_indices` (rank r holds rows r, r + W, …) on every rank."""
+    if info.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return local
+    world = info.world_size
+    per_rank = -(-total // world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[:len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    out = local.new_empty((total, *local.shape[1:]))
+    for r in range(world):
+        out[r::world] = gathered[r][:len(range(r, total, world))]
+    return out
+
+
+def _ids(samples) -> tuple[np.ndarray, np.ndarray]:
+    return np.array([s.pid for s in samples], dtype=np.int64), np.array([s.camid for s in samples], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------
+
+
+class ReidTask:
+    """What the generic stages need from a task; see `denoiserep.train.stages`."""
+
+    name = "reid"
+    primary_metric = "mAP"
+    metric_label = "mAP"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        spec = cfg.data.strip()
+        self.is_digits = spec == DIGITS_REID
+        self.extra: Dataset | None = None
+        self.denoise_train: Dataset | None = None
+        if self.is_digits:
+            self._init_digits()
+        else:
+            self._init_disk(spec)
+        self._check_protocol()
+        if cfg.extra_data:
+            self.extra = ConcatDataset([self._unlabeled(p) for p in cfg.extra_data])
+        if cfg.denoise_data:
+            self.denoise_train = self._unlabeled(cfg.denoise_data)
+
+    def _init_digits(self) -> None:
+        if self.cfg.image_size not in (None, 8):
+            raise ValueError(f"'{DIGITS_REID}' has 8x8 images, so image_size={self.cfg.image_size} cannot be applied; "
+                             "leave --image-size unset")
+        data: DigitsReid = load_digits_reid()
+        self.dataset_name = data.name
+        self.num_train_pids = data.num_train_pids
+        self.num_instances = NUM_INSTANCES
+        self.input_size = data.input_shape[1:]
+        self.in_chans = data.input_shape[0]
+        self.train_pids = data.train.pids.tolist()
+        self.train = _TensorReidDataset(data.train.images, data.train.pids)
+        self.eval_set = _TensorReidDataset(torch.cat([data.query.images, data.gallery.images]),
+                                           torch.cat([data.query.pids, data.gallery.pids]))
+        self.num_query, self.num_gallery = len(data.query), len(data.gallery)
+        self.q_pids, self.q_camids = data.query.pids.numpy(), data.query.camids.numpy()
+        self.g_pids, self.g_camids = data.gallery.pids.numpy(), data.gallery.camids.numpy()
+        self.eval_transform = None
+
+    def _init_disk(self, spec: str) -> None:
+        if ":" not in spec:
+            raise ValueError(
+                f"unknown ReID data {spec!r}: use '{DIGITS_REID}' (embedded) or NAME:PATH[,NAME:PATH...] with NAME in "
+                "market1501, dukemtmc, msmt17, cuhk03_labeled, cuhk03_detected (e.g. market1501:/data/Market-1501)"
+            )
+        if self.cfg.model is None:
+            raise ValueError(
+                f"--data {spec}: pass --model, any timm model, e.g. vit_base_patch16_224 (with --model-kwargs "
+                "'{\"patch_stride\": 12}' for TransReID's overlapping patches) or resnet50"
+            )
+        merged: MergedReidDataset = load_reid_spec(spec)
+        part = merged.parts[0]
+        self.dataset_name = merged.name
+        self.eval_name = part.name
+        self.num_train_pids = merged.num_train_pids
+        self.num_instances = NUM_INSTANCES
+        self.input_size = self._disk_input_size()
+        self.in_chans = 3  # images are read as RGB
+        mean, std = self._normalization()
+        train_tf, self.eval_transform = reid_transforms(self.input_size, mean, std)
+        self.train_pids = [s.pid for s in merged.train]
+        self.train = _ImageReidDataset(list(merged.train), train_tf)
+        self.eval_set = _ImageReidDataset(list(part.query) + list(part.gallery), self.eval_transform)
+        self.num_query, self.num_gallery = len(part.query), len(part.gallery)
+        self.q_pids, self.q_camids = _ids(part.query)
+        self.g_pids, self.g_camids = _ids(part.gallery)
+
+    def _disk_input_size(self) -> tuple[int, int]:
+        """(H, W): ``img_size`` of --model-kwargs, else --image-size H as H × H/2, else 256 × 128."""
+        img_size = self.cfg.model_kwargs.get("img_size")
+        if img_size is not None:
+            size = (int(img_size), int(img_size)) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+            if self.cfg.image_size is not None and self.cfg.image_size != size[0]:
+                raise ValueError(f"--image-size {self.cfg.image_size} disagrees with img_size {list(size)} "
+                                 "of --model-kwargs; give one of them")
+            return size
+        if self.cfg.image_size is not None:
+            return (self.cfg.image_size, self.cfg.image_size // 2)
+        return DEFAULT_INPUT_SIZE
+
+    def _normalization(self):
+        """The mean/std of the backbone's timm pretrained config (what its weights expect)."""
+        from timm.models import get_pretrained_cfg
+
+        name = self.cfg.model or ""
+        pretrained = get_pretrained_cfg(name) if name else None
+        mean = getattr(pretrained, "mean", None) or IMAGENET_DEFAULT_MEAN
+        std = getattr(pretrained, "std", None) or IMAGENET_DEFAULT_STD
+        if self.in_chans != len(mean):
+            mean, std = (float(np.mean(mean)),) * self.in_chans, (float(np.mean(std)),) * self.in_chans
+        return mean, std
+
+    def _check_protocol(self) -> None:
+        """Fail before training if the evaluation split cannot be scored; warn about queries
+        that will be skipped (no same-identity gallery image from another camera)."""
+        name = getattr(self, "eval_name", self.dataset_name)
+        if not len(set(self.q_pids.tolist()) & set(self.g_pids.tolist())):
+            raise ValueError(
+                f"{name}: none of the {self.num_query} query identities appear in the {self.num_gallery}-image "
+                "gallery, so no query can be scored; query/ and bounding_box_test/ must come from the same dataset"
+            )
+        gallery_cams: dict[int, set[int]] = {}
+        for pid, cam in zip(self.g_pids.tolist(), self.g_camids.tolist()):
+            gallery_cams.setdefault(pid, set()).add(cam)
+        valid = sum(bool(gallery_cams.get(p, set()) - {c}) for p, c in zip(self.q_pids.tolist(), self.q_camids.tolist()))
+        if valid == 0:
+            raise ValueError(
+                f"{name}: no query has a same-identity gallery image from ANOTHER camera; the ReID protocol "
+                "discards same-camera matches, so nothing can be scored. Check the camera ids in the file names."
+            )
+        if valid < self.num_query:
+            logger.warning("%s: %d of %d queries have no cross-camera match in the gallery and will be skipped "
+                           "(reported as skipped_queries)", name, self.num_query - valid, self.num_query)
+
+    def _unlabeled(self, path: str) -> Dataset:
+        """Unlabeled images (items ``(image, -1)``): for on-disk data through the ReID eval
+        pipeline (resize to H × W, normalise); for digits-reid as classification's digits do."""
+        dataset = load_unlabeled_images(path, image_size=self.input_size[0], in_chans=self.in_chans)
+        if self.eval_transform is not None:
+            dataset.transform = self.eval_transform
+        return dataset
+
+    # -- model ------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        if self.is_digits:
+            name, kwargs = (self.cfg.model, {}) if self.cfg.model else default_model_for("digits")
+            kwargs.update(self.cfg.model_kwargs)
+            kwargs.setdefault("in_chans", self.in_chans)
+        else:
+            name, kwargs = self.cfg.model, dict(self.cfg.model_kwargs)
+        if "num_classes" in kwargs:
+            raise ValueError(
+                f"num_classes={kwargs['num_classes']} in --model-kwargs: the ID classifier has one output per "
+                f"training identity ({self.num_train_pids} in {self.dataset_name}); drop num_classes"
+            )
+        return create_reid_model(name, self.num_train_pids, input_size=tuple(self.input_size), **kwargs)
+
+    def feature_dim(self, model: nn.Module) -> int:
+        return unwrap(model).num_features
+
+    def wrap_with_head(self, model: nn.Module, head: DenoiseHead) -> nn.Module:
+        """DenoiseRep⁻: the head denoises the embedding before the BNNeck (and the retrieval)."""
+        if not isinstance(model, ReidModel):
+            raise ValueError(f"DenoiseRep⁻ for ReID needs a ReidModel, got {type(model).__name__}")
+        model.denoise_head = head
+        return model
+
+    def example_inputs(self, device: torch.device, batch: int = 2) -> torch.Tensor:
+        count = min(batch, len(self.eval_set))
+        return torch.stack([self.eval_set[i][0] for i in range(count)]).to(device)
+
+    # -- training -----------------------------------------------------------------------------
+    def train_loader(self, info: DistInfo, seed: int, epoch: int, for_denoisers: bool = False) -> DataLoader:
+        """P×K global batches of ``cfg.batch_size`` (sliced across ranks); the denoise stage may
+        train on ``--denoise-data`` (unlabeled, plain shuffled batches) instead."""
+        if for_denoisers and self.denoise_train is not None:
+            sampler = GlobalBatchSampler(len(self.denoise_train), self.cfg.batch_size, info, seed, epoch)
+            return DataLoader(self.denoise_train, batch_sampler=sampler, num_workers=self.cfg.workers)
+        sampler = PKBatchSampler(self.train_pids, self.cfg.batch_size, self.num_instances, info, seed, epoch)
+        return DataLoader(self.train, batch_sampler=sampler, num_workers=self.cfg.workers)
+
+    @property
+    def denoise_data_is_unlabeled(self) -> bool:
+        return self.denoise_train is not None
+
+    def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
+        """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
+        if self.extra is None:
+            return None
+        batch = min(self.cfg.batch_size, len(self.extra) // info.world_size * info.world_size)
+        sampler = GlobalBatchSampler(len(self.extra), batch, info, seed + 1, epoch)
+        return DataLoader(self.extra, batch_sampler=sampler, num_workers=self.cfg.workers)
+
+    def mixup(self) -> None:
+        return None  # mixing identities would break the triplet loss's positives
+
+    def loss_fn(self, mixup_active: bool) -> nn.Module:
+        return ReidLoss(label_smoothing=self.cfg.label_smoothing)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _features(self, model: nn.Module, info: DistInfo, device: torch.device,
+                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Embeddings of query + gallery (in that order), each rank extracting its shard."""
+        was_training = model.training
+        model.eval()
+        indices = shard_indices(len(self.eval_set), info)
+        loader = DataLoader(Subset(self.eval_set, indices), batch_size=self.cfg.eval_batch_size,
+                            num_workers=self.cfg.workers)
+        chunks = []
+        for inputs, _ in loader:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                chunks.append(model(inputs.to(device)).float())
+        model.train(was_training)
+        local = torch.cat(chunks) if chunks else torch.zeros((0, self.feature_dim(model)), device=device)
+        return _gather_rows(local, len(self.eval_set), info)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, info: DistInfo, device: torch.device,
+                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+        """mAP and CMC rank-1/5/10 (%) on the (first dataset's) query/gallery, cosine distance on
+        L2-normalised embeddings, same-identity same-camera gallery images discarded."""
+        features = self._features(model, info, device, autocast_dtype)
+        query, gallery = features[:self.num_query], features[self.num_query:]
+        try:
+            result = evaluate_features(query, gallery, self.q_pids, self.g_pids, self.q_camids, self.g_camids,
+                                       metric="cosine", normalize=True, max_rank=MAX_RANK)
+        except ValueError as error:
+            name = getattr(self, "eval_name", self.dataset_name)
+            raise ValueError(f"ReID evaluation on {name} ({self.num_query} queries, {self.num_gallery} gallery "
+                             f"images) failed: {error}") from None
+        cmc = result.cmc
+        return {"mAP": 100.0 * result.mAP, "rank1": 100.0 * float(cmc[0]), "rank5": 100.0 * float(cmc[4]),
+                "rank10": 100.0 * float(cmc[9]), "num_query": self.num_query, "num_gallery": self.num_gallery,
+                "skipped_queries": result.num_skipped_queries}
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module, device: torch.device) -> torch.Tensor:
+        """Query + gallery embeddings (single process): used to compare fused vs unfused."""
+        return self._features(model, DistInfo(), device).cpu()
+
+    def compare_outputs(self, unfused: torch.Tensor, fused: torch.Tensor) -> dict:
+        """Fused vs unfused embeddings (query + gallery, from `predictions`): the largest absolute
+        and relative difference, and ``prediction_changes``, the number of queries whose nearest
+        gallery image (rank-1 retrieval, cosine) changes."""
+        def nearest(features: torch.Tensor) -> torch.Tensor:
+            features = F.normalize(features.float(), dim=1)
+            return (features[:self.num_query] @ features[self.num_query:].T).argmax(1)
+
+        error = float((fused - unfused).abs().max())
+        return {"fused_vs_unfused_max_feature_error": error,
+                "fused_vs_unfused_max_relative_error": error / max(float(unfused.abs().max()), 1e-12),
+                "prediction_changes": int((nearest(fused) != nearest(unfused)).sum())}
+
+    def fused_check(self, results: list) -> str:
+        """The report's "fused == unfused" cell for DenoiseRep results (one per seed).
+
+        A fused model computes the unfused function up to float32 rounding (relative error
+        ~1e-7); mAP ranks hundreds of distances per query, and near-tied gallery images can
+        swap under such rounding, so mAP may move in its last digits although the model is
+        the same. The check is on the embeddings (relative error ≤ 1e-5, the fusion contract);
+        the mAP difference and rank-1 changes are reported next to it.
+        """
+        errors = [r.extra.get("fused_vs_unfused_max_relative_error", r.extra.get("fuse_max_relative_error", 0.0))
+                  for r in results]
+        gap = max(abs(r.extra["unfused_metrics"][self.primary_metric] - r.metrics[self.primary_metric])
+                  for r in results)
+        changes = sum(r.extra.get("prediction_changes", 0) for r in results)
+        detail = f"embeddings within {max(errors):.0e}"
+        detail += ", mAP identical" if gap == 0 else f", mAP within {gap:.1e} (near-tied distances)"
+        if changes:
+            detail += f", {changes} rank-1 matches swapped"
+        if max(errors) <= FUSED_RELATIVE_TOLERANCE:
+            return f"yes ({detail})"
+        return f"NO: {detail}"

@@ -1,0 +1,120 @@
+"""`TrainConfig`: everything a pipeline run needs, from one YAML file and/or CLI flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..checkpoint import atomic_write
+from ..config import DenoiseConfig
+
+STAGES = ("baseline", "control", "denoise", "head")
+AMP_MODES = ("none", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """A run: the baseline recipe, and the recipe of the extra stages that are compared to it.
+
+    ``control``, ``denoise`` and ``head`` all start from the baseline's weights and run the
+    same number of extra steps (``extra_epochs``) with the same optimizer and learning rate,
+    so that a gain of DenoiseRep over ``control`` is not just "trained longer".
+    """
+
+    # task and data
+    task: str = "classification"
+    data: str = "digits"
+    extra_data: list[str] = field(default_factory=list)  # unlabeled images, label-free loss only
+    denoise_data: str | None = None  # train the denoisers on these unlabeled images (label-free only)
+    image_size: int | None = None
+    # model
+    model: str | None = None  # any timm model; None = the embedded dataset's default
+    model_kwargs: dict = field(default_factory=dict)
+    init: str | None = None  # start the baseline from this checkpoint instead of training it
+    # baseline recipe
+    epochs: int = 30
+    batch_size: int = 64  # global batch, split across DDP ranks
+    eval_batch_size: int = 256
+    opt: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    sched: str = "cosine"
+    warmup_epochs: int = 2
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    grad_clip: float | None = None
+    amp: str = "none"
+    ema_decay: float | None = None
+    # extra stages
+    extra_epochs: int = 10
+    extra_lr: float = 1e-3
+    lam: float = 0.5  # Loss = (1 − λ)·task + λ·denoise
+    label_free: bool = False  # λ = 1: no labels used at all
+    alternate_every: int | None = None  # the authors' option: swap denoisers ↔ backbone every K epochs
+    denoise: dict = field(default_factory=dict)  # DenoiseConfig fields
+    head_steps: int = 10  # DenoiseRep⁻ reverse steps
+    # run
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    output: str = "runs"
+    name: str = "run"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"--lambda must be in [0, 1] (Loss = (1 − λ)·task + λ·denoise), got {self.lam}")
+        if self.label_free:
+            self.lam = 1.0
+        if self.denoise_data and self.lam < 1.0:
+            raise ValueError(
+                f"label-aug (λ = {self.lam} < 1) needs labels, but --denoise-data {self.denoise_data} is a folder "
+                "of unlabeled images. Use --label-free, or train the denoisers on the labeled --data."
+            )
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps"):
+            if getattr(self, name) < (0 if "epochs" in name else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.alternate_every is not None and self.alternate_every < 1:
+            raise ValueError(f"alternate_every must be >= 1 epoch, got {self.alternate_every}")
+        self.denoise_config()  # validate early: a bad field fails before any training
+
+    def denoise_config(self) -> DenoiseConfig:
+        try:
+            return DenoiseConfig.from_dict(self.denoise)
+        except TypeError as error:
+            known = ", ".join(f.name for f in fields(DenoiseConfig))
+            raise ValueError(f"bad 'denoise' settings {self.denoise}: {error}. Known fields: {known}") from error
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
+        return cls.from_dict({**values, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known fields: {', '.join(sorted(known))}")
+        return cls(**values)

@@ -1,0 +1,112 @@
+"""DDP under torchrun: process group setup, sharded batches, all-reduced metrics.
+
+``torchrun --nproc_per_node N -m denoiserep train …`` sets RANK / WORLD_SIZE / LOCAL_RANK;
+without them everything runs as a single process. Multi-node works through torchrun's own
+``--nnodes`` / ``--rdzv-endpoint`` flags.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group if there is one; pick the device (CUDA if present)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was requested but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(info.local_rank)
+        resolved = torch.device("cuda", info.local_rank)
+    else:
+        resolved = torch.device(device)
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+    return info, resolved
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum counters (correct predictions, sample counts, losses) over ranks."""
+    if not dist.is_initialized():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Shuffled global batches of ``global_batch`` indices, each split evenly across ranks.
+
+    Every epoch draws one permutation from ``seed`` and ``epoch``; rank r takes the r-th
+    contiguous slice of every global batch. With mean losses and averaged gradients this
+    reproduces a single-process run with the same global batch (incomplete batches are
+    dropped so that every rank's slice has the same size).
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, info: DistInfo, seed: int, epoch: int = 0,
+                 shuffle: bool = True):
+        if global_batch % info.world_size:
+            raise ValueError(
+                f"the global batch size {global_batch} must be divisible by the number of processes "
+                f"({info.world_size}); change --batch-size or --nproc_per_node"
+            )
+        if num_samples < global_batch:
+            raise ValueError(f"the training set has {num_samples} samples, fewer than one batch of {global_batch}")
+        self.num_samples, self.global_batch, self.info = num_samples, global_batch, info
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        local = self.global_batch // self.info.world_size
+        start = self.info.rank * local
+        for b in range(len(self)):
+            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
+            yield batch[start:start + local]
+
+
+def shard_indices(num_samples: int, info: DistInfo) -> list[int]:
+    """This rank's share of an evaluation set: no padding, so sums over ranks are exact."""
+    return list(range(info.rank, num_samples, info.world_size))

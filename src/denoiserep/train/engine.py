@@ -1,0 +1,100 @@
+"""The training loop of one epoch, written out plainly (as torchvision's reference scripts do)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..convert import denoise_loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss becomes NaN/inf; the stage keeps its last good checkpoint."""
+
+
+@dataclass
+class EpochSettings:
+    lam: float  # Loss = (1 − λ)·task + λ·denoise; λ = 0 is plain training
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    grad_clip: float | None = None
+    stage: str = "train"
+    show_progress: bool = True
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    settings: EpochSettings,
+    *,
+    epoch: int,
+    num_updates: int,
+    scheduler=None,
+    ema=None,
+    mixup=None,
+    extra_loader: Iterable | None = None,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns mean losses, throughput and the new update count.
+
+    With ``extra_loader`` (unlabeled images), every step also runs the model on one extra
+    batch and adds that batch's noise loss to the denoise term: the label-free loss on
+    merged datasets. The task loss is skipped entirely when λ = 1 (label-free).
+    """
+    model.train()
+    lam, device = settings.lam, settings.device
+    extra_batches = itertools.cycle(extra_loader) if extra_loader is not None else None
+    sums = {"loss": 0.0, "task_loss": 0.0, "denoise_loss": 0.0}
+    steps = samples = 0
+    start = time.perf_counter()
+    # Step bars only on a terminal (disable=None); logs get one line per epoch from the stage.
+    bar = tqdm(loader, desc=f"{settings.stage} epoch {epoch}", leave=False,
+               disable=None if settings.show_progress else True)
+    for inputs, targets in bar:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup is not None and lam < 1.0:
+            inputs, targets = mixup(inputs, targets)
+        with torch.autocast(device.type, dtype=settings.autocast_dtype, enabled=settings.autocast_dtype is not None):
+            outputs = model(inputs)
+            task = task_loss(outputs, targets) if lam < 1.0 else outputs.new_zeros(()).float()
+            denoise = denoise_loss(model)
+            if extra_batches is not None:
+                extra_inputs, _ = next(extra_batches)
+                model(extra_inputs.to(device, non_blocking=True))
+                denoise = denoise + denoise_loss(model)
+            loss = (1.0 - lam) * task + lam * denoise if lam > 0 else task
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"the loss became {loss.item()} in stage '{settings.stage}' at epoch {epoch}, step {steps} "
+                f"(task {task.item():.4g}, denoise {denoise.item():.4g})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip:
+            nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], settings.grad_clip
+            )
+        optimizer.step()
+        num_updates += 1
+        if scheduler is not None:
+            scheduler.step_update(num_updates=num_updates)
+        if ema is not None:
+            ema.update(model, step=num_updates)
+        steps += 1
+        samples += len(inputs)
+        for key, value in (("loss", loss), ("task_loss", task), ("denoise_loss", denoise)):
+            sums[key] += value.item()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    elapsed = time.perf_counter() - start
+    means = {k: v / max(steps, 1) for k, v in sums.items()}
+    means["samples_per_s"] = samples / elapsed if elapsed > 0 else 0.0
+    means["lr"] = optimizer.param_groups[0]["lr"]
+    return means, num_updates

@@ -1,0 +1,343 @@
+"""The pipeline's stages: baseline, control, denoise (DenoiseRep), head (DenoiseRep⁻).
+
+Each stage lives in its own folder under the run directory::
+
+    <run>/<variant>/checkpoint.pt    last completed epoch (atomic; what --resume continues from)
+    <run>/<variant>/log.csv          one row per epoch
+    <run>/<variant>/model.safetensors  final plain weights (fused, for DenoiseRep)
+    <run>/<variant>/result.json      written last: its presence marks the stage as finished
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm import tqdm
+
+from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, save_fused
+from ..convert import conversion_state, convert, set_trainable, unwrap
+from ..fuse import fuse
+from ..head import DenoiseHead
+from .config import TrainConfig
+from .distributed import DistInfo, barrier
+from .engine import EpochSettings, NonFiniteLossError, train_one_epoch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    variant: str
+    stage: str
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    weights: str | None = None
+    extra: dict = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)  # live model; not saved
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "model"}
+
+
+@dataclass
+class StageSpec:
+    """What to run: ``stage`` is the recipe, ``variant`` the folder/row name (e.g. denoise-label-free)."""
+
+    stage: str
+    variant: str
+    lam: float = 0.0
+
+
+def run_stage(spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: torch.device,
+              *, resume: bool = False) -> StageResult:
+    stage_dir = cfg.run_dir / spec.variant
+    result_path = stage_dir / "result.json"
+    if result_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{stage_dir} already holds a finished stage. Pass --resume to reuse it, or choose another "
+                "--name / --output."
+            )
+        result = StageResult(**json.loads(result_path.read_text()))
+        result.model = _StageRunner(spec, cfg, task, info, device, stage_dir).load_final(result)
+        return result
+    if stage_dir.exists() and any(stage_dir.iterdir()) and not resume:
+        raise FileExistsError(
+            f"{stage_dir} holds an unfinished stage. Pass --resume to continue it, or choose another --name."
+        )
+    seed_everything(cfg.seed)
+    runner = _StageRunner(spec, cfg, task, info, device, stage_dir)
+    return runner.run(resume)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _StageRunner:
+    def __init__(self, spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: torch.device, stage_dir: Path):
+        self.spec, self.cfg, self.task, self.info, self.device = spec, cfg, task, info, device
+        self.stage_dir = stage_dir
+        self.checkpoint_path = stage_dir / "checkpoint.pt"
+        self.autocast_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+        self.is_baseline = spec.stage == "baseline"
+        self.epochs = cfg.epochs if self.is_baseline else cfg.extra_epochs
+        self.lr = cfg.lr if self.is_baseline else cfg.extra_lr  # control: same budget as DenoiseRep
+        self._tensorboard = None  # SummaryWriter, or False when tensorboard is not installed
+
+    # -- model per stage -------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        model = self.task.build_model()
+        if self.is_baseline:
+            if self.cfg.init:
+                load_init_weights(model, self.cfg.init)
+        else:
+            load_fused(model, self.cfg.run_dir / "baseline" / "model.safetensors")
+        model.to(self.device)
+        stage = self.spec.stage
+        if stage == "denoise":
+            convert(model, self.cfg.denoise_config(), example_inputs=self.task.example_inputs(self.device))
+            # With the alternating option both roles train (in turns); start all trainable so the
+            # optimizer holds every parameter, then `_set_phase` toggles requires_grad per epoch.
+            set_trainable(model, denoisers=True, backbone=self.cfg.alternate_every is not None)
+        elif stage == "head":
+            model = self.task.wrap_with_head(model, self._head(model)).to(self.device)
+            set_trainable(model, denoisers=True, backbone=False)
+        return model
+
+    def load_final(self, result: StageResult) -> nn.Module:
+        """The finished stage's model, rebuilt from its saved (fused) weights."""
+        model = self.task.build_model()
+        if self.spec.stage == "head":
+            model = self.task.wrap_with_head(model, self._head(model))
+        return load_fused(model, result.weights).to(self.device)
+
+    def _head(self, backbone: nn.Module) -> DenoiseHead:
+        dcfg = self.cfg.denoise_config()
+        return DenoiseHead(self.task.feature_dim(backbone), steps=self.cfg.head_steps, schedule=dcfg.schedule,
+                           num_timesteps=dcfg.num_timesteps, beta_start=dcfg.beta_start,
+                           beta_end=dcfg.beta_end, loss=dcfg.loss)
+
+    def _set_phase(self, model: nn.Module, epoch: int) -> str:
+        """Frozen backbone (the paper) or the authors' alternation every K epochs."""
+        if self.spec.stage not in ("denoise", "head"):
+            return "all"
+        if self.spec.stage == "denoise" and self.cfg.alternate_every:
+            denoisers = (epoch // self.cfg.alternate_every) % 2 == 0
+            set_trainable(model, denoisers=denoisers, backbone=not denoisers)
+            return "denoisers" if denoisers else "backbone"
+        return "denoisers"
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, resume: bool) -> StageResult:
+        cfg, info = self.cfg, self.info
+        model = self.build()
+        weight_decay = cfg.weight_decay if self.spec.stage in ("baseline", "control") else 0.0
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=weight_decay)
+        steps_per_epoch = len(self.task.train_loader(info, cfg.seed, 0, for_denoisers=self.spec.stage == "denoise"))
+        scheduler = None
+        if self.epochs > 0:
+            scheduler, _ = create_scheduler_v2(
+                optimizer, sched=cfg.sched, num_epochs=self.epochs,
+                warmup_epochs=cfg.warmup_epochs if self.is_baseline else 0,
+                updates_per_epoch=steps_per_epoch, warmup_lr=self.lr * 0.01 if self.is_baseline else None,
+            )
+        ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+        start_epoch, num_updates, history = 0, 0, []
+        if resume and self.checkpoint_path.exists():
+            start_epoch, num_updates, history = self._load_checkpoint(model, optimizer, scheduler, ema)
+            logger.info("%s: resuming after epoch %d", self.spec.variant, start_epoch - 1)
+        train_model = self._wrap_ddp(model)
+        settings = EpochSettings(
+            lam=self.spec.lam, device=self.device, autocast_dtype=self.autocast_dtype, grad_clip=cfg.grad_clip,
+            stage=self.spec.variant, show_progress=info.is_main,
+        )
+        mixup = self.task.mixup()
+        task_loss = self.task.loss_fn(mixup_active=mixup is not None and self.spec.lam < 1.0)
+        for epoch in range(start_epoch, self.epochs):
+            phase = self._set_phase(model, epoch)
+            self._freeze_norm_statistics(model)
+            loader = self.task.train_loader(info, cfg.seed, epoch, for_denoisers=self.spec.stage == "denoise")
+            extra = self.task.extra_loader(info, cfg.seed, epoch) if self.spec.lam > 0 else None
+            try:
+                train_stats, num_updates = train_one_epoch(
+                    train_model, loader, optimizer, task_loss, settings, epoch=epoch, num_updates=num_updates,
+                    scheduler=scheduler, ema=ema, mixup=mixup, extra_loader=extra,
+                )
+            except NonFiniteLossError as error:
+                kept = self.checkpoint_path if self.checkpoint_path.exists() else "none (no epoch finished)"
+                raise NonFiniteLossError(
+                    f"{error}. Stopped; the last good checkpoint is {kept}. Lower --lr / --extra-lr or set "
+                    "--grad-clip, then rerun with --resume."
+                ) from None
+            if scheduler is not None:
+                scheduler.step(epoch + 1)
+            eval_model = ema.module if ema is not None else model
+            metrics = self.task.evaluate(eval_model, info, self.device, self.autocast_dtype)
+            row = {"epoch": epoch, "phase": phase, **train_stats, **{f"val_{k}": v for k, v in metrics.items()}}
+            history.append(row)
+            if info.is_main:
+                tqdm.write(
+                    f"{self.spec.variant} epoch {epoch + 1}/{self.epochs}: loss {train_stats['loss']:.4f} "
+                    f"(task {train_stats['task_loss']:.4f}, denoise {train_stats['denoise_loss']:.4f}), "
+                    f"val {self.task.primary_metric} {metrics[self.task.primary_metric]:.2f}, "
+                    f"{train_stats['samples_per_s']:.0f} samples/s",
+                    file=sys.stderr,
+                )
+                self._append_log(row)
+                self._log_tensorboard(row)
+                self._save_checkpoint(model, optimizer, scheduler, ema, epoch, num_updates, history)
+            barrier()
+        final = ema.module if ema is not None else model
+        return self._finish(final, history)
+
+    def _finish(self, model: nn.Module, history: list[dict]) -> StageResult:
+        info, task = self.info, self.task
+        extra: dict = {}
+        if self.spec.stage == "denoise":
+            unfused_metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
+            unfused_logits = task.predictions(model, self.device) if info.is_main else None
+            example = task.example_inputs(self.device)
+            model, report = fuse(model, example_inputs=example, return_report=True)
+            metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
+            extra["unfused_metrics"] = unfused_metrics
+            extra["fuse_max_relative_error"] = report.max_relative_error
+            extra["added_biases"] = report.added_biases
+            if info.is_main:
+                fused_logits = task.predictions(model, self.device)
+                extra["fused_vs_unfused_max_logit_error"] = float((fused_logits - unfused_logits).abs().max())
+                extra["prediction_changes"] = int((fused_logits.argmax(1) != unfused_logits.argmax(1)).sum())
+        else:
+            metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
+        result = StageResult(self.spec.variant, self.spec.stage, metrics, history, extra=extra, model=model)
+        if info.is_main:
+            weights = self.stage_dir / "model.safetensors"
+            save_fused(model, weights, metadata={"stage": self.spec.stage, "variant": self.spec.variant})
+            result.weights = str(weights)
+            result_text = json.dumps(result.to_dict(), indent=2)
+            atomic_write(self.stage_dir / "result.json", lambda tmp: Path(tmp).write_text(result_text))
+        barrier()
+        return result
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _freeze_norm_statistics(self, model: nn.Module) -> None:
+        """A frozen backbone includes its BatchNorm statistics: keep them in eval mode while
+        only denoisers train, so training sees exactly the statistics inference will use."""
+        if self.spec.stage in ("denoise", "head") and not any(
+            p.requires_grad for m in unwrap(model).modules() if isinstance(m, _BatchNorm) for p in m.parameters()
+        ):
+            for module in unwrap(model).modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        if not self.info.enabled:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # The alternating option changes which parameters train, which DDP must be told about.
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=bool(self.cfg.alternate_every)
+        )
+
+    def _append_log(self, row: dict) -> None:
+        path = self.stage_dir / "log.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _log_tensorboard(self, row: dict) -> None:
+        """TensorBoard scalars when the tensorboard package is installed (the CSV log is always written)."""
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tensorboard = False
+                return
+            self._tensorboard = SummaryWriter(log_dir=str(self.stage_dir / "tensorboard"))
+        if self._tensorboard:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self._tensorboard.add_scalar(key, value, row["epoch"])
+            self._tensorboard.flush()
+
+    def _save_checkpoint(self, model, optimizer, scheduler, ema, epoch, num_updates, history) -> None:
+        payload = {
+            "epoch": epoch,
+            "num_updates": num_updates,
+            "history": history,
+            "model": model.state_dict(),
+            "conversion": conversion_state(model).to_dict() if self.spec.stage == "denoise" else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        atomic_write(self.checkpoint_path, lambda tmp: torch.save(payload, tmp))
+
+    def _load_checkpoint(self, model, optimizer, scheduler, ema) -> tuple[int, int, list[dict]]:
+        payload = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if self.spec.stage == "denoise" and payload.get("conversion") != conversion_state(model).to_dict():
+            raise ValueError(
+                f"{self.checkpoint_path} was converted with other DenoiseRep settings than this run's; resume "
+                "with the same config, or start a new --name"
+            )
+        load_state_dict_checked(model, payload["model"], self.checkpoint_path)
+        optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None and payload["scheduler"] is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        if ema is not None and payload["ema"] is not None:
+            ema.load_state_dict(payload["ema"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return payload["epoch"] + 1, payload["num_updates"], payload["history"]
+
+
+def load_init_weights(model: nn.Module, path: str) -> None:
+    """Load a user's checkpoint (.safetensors, or a torch file holding a state_dict)."""
+    path_obj = Path(path)
+    if not path_obj.exists():
+        raise FileNotFoundError(f"--init {path} does not exist")
+    if path_obj.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path_obj))
+    else:
+        state = torch.load(path_obj, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    classifier = unwrap(model).get_classifier() if hasattr(unwrap(model), "get_classifier") else None
+    if isinstance(classifier, nn.Linear):
+        prefix = next((n for n, m in model.named_modules() if m is classifier), None)
+        weight = state.get(f"{prefix}.weight")
+        if weight is not None and weight.shape[0] != classifier.out_features:
+            raise ValueError(
+                f"--init {path} has a {weight.shape[0]}-class classifier ({prefix}) but the data has "
+                f"{classifier.out_features} classes. Use a checkpoint trained on this data's classes."
+            )
+    load_state_dict_checked(model, state, path)

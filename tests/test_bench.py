@@ -1,0 +1,100 @@
+"""The benchmark suite: quick mode end to end, the fused-FLOPs contract, the interleaved timer."""
+
+import copy
+import importlib.machinery
+import sys
+import time
+import types
+
+import pytest
+import timm
+import torch
+
+import denoiserep as dr
+from denoiserep import DenoiseConfig, bench
+
+
+def table_rows(text: str, header_start: str) -> list[list[str]]:
+    """Cells of the markdown table whose header line starts with ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_quick_mode_writes_the_expected_tables(tmp_path):
+    out = tmp_path / "BENCH.md"
+    assert bench.main(["--quick", "--output", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert not list(tmp_path.glob(".BENCH.md.*")), "the temporary file must be renamed into place"
+    for heading in ("## Machine and command", "## 1. Inference cost", "## 2. Training cost", "## 3. Accuracy", "## GPU"):
+        assert heading in text
+    assert "python -m denoiserep.bench --quick --output" in text
+
+    inference = {row[1]: row for row in table_rows(text, "| model | variant | params | GFLOPs")}
+    matched = len(list(bench.QUICK_VIT.build(bench.Settings()).blocks)) * 4 + 1  # patch embed + 4 per block
+    for variant in ("baseline", "converted (unfused)", "fused", f"DenoiseRep⁻ T={matched} (matched)", "DenoiseRep⁻ T=1"):
+        assert variant in inference
+    assert inference["fused"][3] == inference["baseline"][3]
+    assert float(inference["converted (unfused)"][3]) > float(inference["baseline"][3])
+    assert float(inference["baseline"][6]) == 1.0
+
+    phases = [row[1] for row in table_rows(text, "| model | phase |")]
+    assert phases == [v.label for v in bench.TRAIN_VARIANTS]
+    assert all(int(row[8]) > 0 for row in table_rows(text, "| model | phase |")), "peak memory must be measured"
+    assert "Fused FLOPs equal the baseline's" in text
+
+
+def test_fused_flops_equal_the_baseline_flops():
+    settings = bench.Settings()
+    model = timm.create_model("resnet18", num_classes=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    baseline = bench.count_flops(model, (x,), settings)
+    converted = copy.deepcopy(model)
+    dr.convert(converted, DenoiseConfig(init="random"), example_inputs=x)
+    unfused = bench.count_flops(converted.eval(), (x,), settings)
+    dr.fuse(converted)
+    assert bench.count_flops(converted, (x,), settings) == baseline < unfused
+
+
+def test_interleaved_timer_returns_medians_and_per_round_ratios():
+    calls = []
+
+    def sleeper(name: str, seconds: float):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return run
+
+    fns = {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.02)}
+    timings = bench.time_interleaved(fns, "fast", rounds=6, warmup=1)
+    assert calls[:2] == ["fast", "slow"]  # warm-up
+    assert calls[2:6] == ["fast", "slow", "slow", "fast"]  # interleaved, order rotating each round
+    assert timings["fast"].ratio == 1.0 and timings["fast"].ratio_iqr == 0.0
+    assert timings["slow"].median_s > timings["fast"].median_s
+    assert timings["slow"].ratio > 1.0
+
+
+def test_accuracy_section_uses_the_pipeline_hook_only_when_it_exists(monkeypatch):
+    monkeypatch.setitem(sys.modules, "denoiserep.bench_accuracy", None)  # as if absent
+    text = bench.run(bench.Settings(quick=True), sections=("accuracy",))
+    assert "Not yet measured" in text and "## 1. Inference cost\n\nNot run" in text
+
+    hook = types.ModuleType("denoiserep.bench_accuracy")
+    hook.__spec__ = importlib.machinery.ModuleSpec(hook.__name__, None)
+    hook.run_accuracy = lambda quick: f"| accuracy table, quick={quick} |\n"
+    monkeypatch.setitem(sys.modules, "denoiserep.bench_accuracy", hook)
+    assert "| accuracy table, quick=True |" in bench.run(bench.Settings(quick=True), sections=("accuracy",))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")
+def test_cuda_without_a_gpu_fails_fast_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "gpu.md"
+    assert bench.main(["--device", "cuda", "--output", str(out)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not out.exists()

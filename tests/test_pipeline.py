@@ -1,0 +1,139 @@
+"""The training pipeline end to end on embedded data: stages, resume, DDP, the demo, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from denoiserep.cli import main
+from denoiserep.train.config import TrainConfig
+
+# A small, fast recipe on the embedded digits data (8×8 handwritten digits).
+FAST = ["--data", "digits", "--epochs", "2", "--extra-epochs", "1", "--batch-size", "64",
+        "--model-kwargs", '{"embed_dim": 32, "depth": 2, "num_heads": 2}']
+
+
+def run_cli(tmp_path, *args, name="run"):
+    return main(["train", *FAST, "--output", str(tmp_path), "--name", name, *args])
+
+
+def result(tmp_path, variant, name="run"):
+    return json.loads((tmp_path / name / variant / "result.json").read_text())
+
+
+def test_all_stages_run_and_write_a_report_with_fused_weights(tmp_path, capsys):
+    assert run_cli(tmp_path, "--stage", "all") == 0
+    run = tmp_path / "run"
+    variants = ["baseline", "control", "denoiserep-minus", "denoiserep-label-free", "denoiserep-label-aug"]
+    for variant in variants:
+        assert (run / variant / "model.safetensors").exists()
+        assert 0 <= result(tmp_path, variant)["metrics"]["top1"] <= 100
+    for variant in ("denoiserep-label-free", "denoiserep-label-aug"):
+        extra = result(tmp_path, variant)["extra"]
+        assert extra["prediction_changes"] == 0
+        assert extra["unfused_metrics"]["top1"] == result(tmp_path, variant)["metrics"]["top1"]
+    assert {"loss_curves.png", "accuracy.png", "latency.png", "report.md", "config.yaml"} <= {p.name for p in run.iterdir()}
+    table = capsys.readouterr().out
+    for column in ("variant", "top-1", "Δ vs baseline", "params", "FLOPs", "latency (ms/batch)", "latency ratio"):
+        assert column in table
+    assert TrainConfig.from_yaml(run / "config.yaml").data == "digits"
+
+
+def test_fused_denoiserep_weights_load_into_the_original_architecture(tmp_path):
+    from denoiserep import load_fused
+    from denoiserep.tasks import create_task
+
+    run_cli(tmp_path, "--stage", "baseline", "denoise", "--lambda", "0.5")
+    cfg = TrainConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    task = create_task(cfg)
+    model = load_fused(task.build_model(), tmp_path / "run" / "denoiserep" / "model.safetensors")
+    metrics = task.evaluate(model, __import__("denoiserep.train.distributed", fromlist=["DistInfo"]).DistInfo(), torch.device("cpu"))
+    assert metrics["top1"] == result(tmp_path, "denoiserep")["metrics"]["top1"]
+
+
+def test_later_stages_need_a_finished_baseline(tmp_path, capsys):
+    assert run_cli(tmp_path, "--stage", "denoise") == 2
+    assert "no finished baseline" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tmp_path, capsys):
+    run_cli(tmp_path, "--stage", "baseline")
+    assert run_cli(tmp_path, "--stage", "baseline") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert run_cli(tmp_path, "--stage", "baseline", "--resume") == 0
+
+
+def test_seeds_report_mean_std_and_paired_intervals(tmp_path, capsys):
+    assert run_cli(tmp_path, "--stage", "baseline", "control", "--seeds", "0", "1") == 0
+    table = capsys.readouterr().out
+    assert "±" in table and "[" in table  # mean ± std, and a 95% interval for the paired Δ
+    assert (tmp_path / "run" / "seed1" / "control" / "result.json").exists()
+
+
+def test_alternating_schedule_and_extra_unlabeled_data(tmp_path):
+    from PIL import Image
+
+    extra = tmp_path / "unlabeled"
+    extra.mkdir()
+    for i in range(70):
+        Image.fromarray((torch.rand(8, 8) * 255).byte().numpy(), mode="L").save(extra / f"{i}.png")
+    assert run_cli(tmp_path, "--stage", "baseline", "denoise", "--extra-epochs", "2", "--alternate-every", "1",
+                   "--extra-data", str(extra)) == 0
+    phases = [row["phase"] for row in result(tmp_path, "denoiserep")["history"]]
+    assert phases == ["denoisers", "backbone"]
+
+
+def test_the_demo_runs_end_to_end_in_a_reduced_setting(tmp_path, capsys):
+    assert main(["demo", "--epochs", "1", "--extra-epochs", "1", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for variant in ("baseline", "control", "denoiserep-minus", "denoiserep-label-free", "denoiserep-label-aug"):
+        assert f"| {variant} |" in out
+    assert (tmp_path / "demo" / "report.md").exists()
+
+
+def _train_command(tmp_path, name, epochs, *extra):
+    return [sys.executable, "-m", "denoiserep", "train", "--data", "digits", "--epochs", str(epochs),
+            "--batch-size", "32", "--model-kwargs", '{"embed_dim": 32, "depth": 2, "num_heads": 2}',
+            "--output", str(tmp_path), "--name", name, "--stage", "baseline", *extra]
+
+
+def test_kill_9_mid_epoch_then_resume_gives_the_same_final_metrics(tmp_path):
+    epochs = 6
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_train_command(tmp_path, "straight", epochs), check=True, env=env, capture_output=True)
+    victim = subprocess.Popen(_train_command(tmp_path, "killed", epochs), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "baseline" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "killed" / "baseline" / "result.json").exists()
+    subprocess.run(_train_command(tmp_path, "killed", epochs, "--resume"), check=True, env=env, capture_output=True)
+    straight = json.loads((tmp_path / "straight" / "baseline" / "result.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "baseline" / "result.json").read_text())
+    assert resumed["metrics"] == straight["metrics"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+
+
+def test_ddp_with_two_gloo_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stages = ["--stage", "baseline", "control", "--extra-epochs", "1", "--device", "cpu"]
+    subprocess.run(_train_command(tmp_path, "single", 2, *stages), check=True, env=env, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    ddp = _train_command(tmp_path, "ddp", 2, *stages)
+    proc = subprocess.run(torchrun + ddp[1:], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for variant in ("baseline", "control"):
+        single = json.loads((tmp_path / "single" / variant / "result.json").read_text())
+        multi = json.loads((tmp_path / "ddp" / variant / "result.json").read_text())
+        assert multi["metrics"]["samples"] == single["metrics"]["samples"]
+        assert multi["metrics"]["top1"] == pytest.approx(single["metrics"]["top1"], abs=0.2)
+        assert multi["metrics"]["loss"] == pytest.approx(single["metrics"]["loss"], rel=1e-3)
