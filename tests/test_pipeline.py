@@ -127,9 +127,9 @@ def test_ddp_with_two_gloo_processes_matches_one_process_with_the_same_global_ba
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     stages = ["--stage", "baseline", "control", "--extra-epochs", "1", "--device", "cpu"]
     subprocess.run(_train_command(tmp_path, "single", 2, *stages), check=True, env=env, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp = _train_command(tmp_path, "ddp", 2, *stages)
-    proc = subprocess.run(torchrun + ddp[1:], env=env, capture_output=True, text=True)
+    proc = subprocess.run(torchrun + ddp[1:], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for variant in ("baseline", "control"):
         single = json.loads((tmp_path / "single" / variant / "result.json").read_text())

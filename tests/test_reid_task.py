@@ -148,6 +148,10 @@ def test_merged_market_and_duke_train_in_one_id_space_and_evaluate_on_market(tmp
     assert set(seen) <= set(range(10)) and any(p >= 6 for p in seen)
     metrics = task.evaluate(model, DistInfo(), torch.device("cpu"))
     assert metrics["num_query"] == 6 and 0 <= metrics["mAP"] <= 100
+    # --extra-data: unlabeled images (here: a folder of Duke crops) go through the ReID eval pipeline
+    extra = ReidTask(disk_cfg(f"market1501:{market}", tmp_path, extra_data=[str(duke / "bounding_box_train")]))
+    images, labels = next(iter(extra.extra_loader(DistInfo(), 0, 0)))
+    assert images.shape == (8, 3, 32, 16) and set(labels.tolist()) == {-1}
 
 
 def test_digits_reid_follows_the_reid_protocol():
@@ -209,7 +213,8 @@ def test_evaluate_matches_metrics_reid_on_features_we_control():
                                  data.query.camids.numpy(), data.gallery.camids.numpy(), metric="cosine")
     metrics = task.evaluate(model, DistInfo(), torch.device("cpu"))
     assert metrics["mAP"] == pytest.approx(100 * expected.mAP, abs=1e-6)
-    assert [metrics[f"rank{k}"] for k in (1, 5, 10)] == pytest.approx([100 * float(expected.cmc[k - 1]) for k in (1, 5, 10)])
+    ranks = (1, 5, 10)
+    assert [metrics[f"rank{k}"] for k in ranks] == pytest.approx([100 * float(expected.cmc[k - 1]) for k in ranks])
     features = task.predictions(model, torch.device("cpu"))
     assert features.shape == (len(data.query) + len(data.gallery), 16)
     assert task.compare_outputs(features, features.clone())["prediction_changes"] == 0
@@ -260,7 +265,7 @@ def test_bad_query_gallery_splits_fail_before_training_with_a_clear_message(tmp_
 def test_reid_model_outputs_classifier_and_transreid_backbones():
     model = create_reid_model("vit_small_patch16_224", num_classes=751, input_size=(256, 128), patch_stride=12)
     vit = model.backbone
-    assert isinstance(vit, VisionTransformer) and model.num_features == 384
+    assert isinstance(model, ReidModel) and isinstance(vit, VisionTransformer) and model.num_features == 384
     assert vit.patch_embed.grid_size == (21, 10) and vit.pos_embed.shape == (1, 211, 384)  # TransReID's grid
     model.eval()
     with torch.no_grad():
@@ -285,8 +290,8 @@ def test_backbone_weights_load_with_position_embedding_resampled(tmp_path):
                                **{k: v for k, v in TINY_VIT_KWARGS.items() if k != "patch_stride"})
     state = {**source.backbone.state_dict(), "head.weight": torch.zeros(1000, 32), "head.bias": torch.zeros(1000)}
     torch.save({"model": state}, tmp_path / "backbone.pth")
-    model = create_reid_model(TINY_VIT, num_classes=3, input_size=(32, 16), backbone_weights=str(tmp_path / "backbone.pth"),
-                              **TINY_VIT_KWARGS)
+    model = create_reid_model(TINY_VIT, num_classes=3, input_size=(32, 16),
+                              backbone_weights=str(tmp_path / "backbone.pth"), **TINY_VIT_KWARGS)
     assert model.backbone.pos_embed.shape == (1, 1 + 5 * 2, 32)
     assert torch.equal(model.backbone.blocks[1].mlp.fc2.weight, source.backbone.blocks[1].mlp.fc2.weight)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):

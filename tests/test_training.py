@@ -195,3 +195,16 @@ def test_ddp_trains_denoisers_without_unused_parameter_errors_and_keeps_replicas
     mp.spawn(_ddp_worker, args=(2, port, str(result)), nprocs=2, join=True)
     replica0, replica1 = torch.load(result)
     assert torch.equal(replica0, replica1)
+
+
+def test_uncollected_noise_losses_are_bounded_and_the_user_is_told():
+    from denoiserep.layers import MAX_PENDING_LOSSES
+
+    model = small_cnn()
+    x = structured_batch(2)
+    dr.convert(model, example_inputs=x)
+    model.train()
+    with pytest.warns(UserWarning, match="without denoiserep.denoise_loss"):
+        for _ in range(MAX_PENDING_LOSSES + 1):
+            model(x)
+    assert all(len(d._pending_losses) == MAX_PENDING_LOSSES for _, _, d in dr.layer_denoisers(model))

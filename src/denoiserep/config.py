@@ -59,7 +59,7 @@ class DenoiseConfig:
         the input positions (tokens or pixels); 1.0 uses all of them.
     """
 
-    layer_types: Sequence[type[nn.Module] | str] = (nn.Linear, nn.Conv2d)
+    layer_types: Sequence[type[nn.Module] | str] = SUPPORTED_LAYER_TYPES
     target_modules: str | Sequence[str] | None = None
     exclude_modules: str | Sequence[str] | None = None
     exclude_classifier: bool = True

@@ -137,7 +137,8 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> dict[str, nn.Modul
         raise ValueError(
             f"no layer matched: layer_types={[t.__name__ for t in config.layer_types]}, "
             f"target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}. "
-            f"Layers of those types in this model: {available}{more}. "
+            f"Layers of those types in this model: {available}{more}"
+            f"{' (the classifier is left out by exclude_classifier=True)' if config.exclude_classifier else ''}. "
             "Fix target_modules/exclude_modules (names as in model.named_modules()) or layer_types."
         )
     return selected

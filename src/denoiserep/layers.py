@@ -20,6 +20,8 @@ becomes a pure bias shift of ``Σ_{i,k} W[o, i, k] · u_i``).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,7 @@ class LayerDenoiser(nn.Module):
         self.loss_token_fraction = loss_token_fraction
         self.following_norm: str | None = None  # set by convert(): a BatchNorm fed by this layer
         self._pending_losses: list[torch.Tensor] = []
+        self._warned_uncollected = False
 
         weight = layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -186,10 +189,25 @@ def denoiser_of(layer: nn.Module) -> LayerDenoiser | None:
     return None
 
 
+# Forwards whose noise losses may wait for a `denoise_loss` call (gradient accumulation);
+# beyond that the oldest are dropped, so a loop that never collects them cannot leak graphs.
+MAX_PENDING_LOSSES = 64
+
+
 def denoise_pre_hook(layer: nn.Module, args: tuple) -> None:
     """Accumulate the noise loss while the denoiser trains (train mode, grads on)."""
     denoiser = denoiser_of(layer)
     if denoiser.training and torch.is_grad_enabled() and any(p.requires_grad for p in denoiser.parameters()):
+        if len(denoiser._pending_losses) >= MAX_PENDING_LOSSES:
+            denoiser._pending_losses.pop(0)
+            if not denoiser._warned_uncollected:
+                warnings.warn(
+                    f"{MAX_PENDING_LOSSES} training forwards ran without denoiserep.denoise_loss(model) being "
+                    "called; the oldest noise losses are being dropped. Call denoise_loss(model) after each "
+                    "forward (or put the model in eval mode / freeze the denoisers when not training them).",
+                    stacklevel=2,
+                )
+                denoiser._warned_uncollected = True
         denoiser._pending_losses.append(denoiser.noise_loss(args[0]))
 
 

@@ -59,8 +59,8 @@ class Mnist1dCNN(nn.Module):
 def mnist1d_cnn(pretrained: bool = False, **kwargs) -> Mnist1dCNN:
     if pretrained:
         raise ValueError("mnist1d_cnn has no pretrained weights; train it with `denoiserep train --stage baseline`")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
+    for framework_arg in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # passed by timm.create_model
+        kwargs.pop(framework_arg, None)
     return Mnist1dCNN(**kwargs)
 
 

@@ -146,7 +146,8 @@ def set_patch_stride(vit: nn.Module, stride: int | tuple[int, int]) -> None:
         )
     embed = vit.patch_embed
     if embed.img_size is None or getattr(vit, "dynamic_img_size", False) or embed.dynamic_img_pad:
-        raise ValueError("patch_stride needs a fixed input size: do not combine it with dynamic_img_size/dynamic_img_pad")
+        raise ValueError("patch_stride needs a fixed input size: do not combine it with dynamic_img_size or "
+                         "dynamic_img_pad")
     stride = to_2tuple(stride)
     if not all(1 <= s <= p for s, p in zip(stride, embed.patch_size)):
         raise ValueError(f"patch_stride {stride} must be between 1 and the patch size {embed.patch_size}")

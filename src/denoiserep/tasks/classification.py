@@ -127,3 +127,16 @@ class ClassificationTask:
         model.eval()
         loader = DataLoader(self.data.val, batch_size=self.cfg.eval_batch_size)
         return torch.cat([model(inputs.to(device)).float().cpu() for inputs, _ in loader])
+
+    def compare_outputs(self, unfused: torch.Tensor, fused: torch.Tensor) -> dict:
+        """Fused vs unfused validation logits: largest difference and changed predictions."""
+        return {"fused_vs_unfused_max_logit_error": float((fused - unfused).abs().max()),
+                "prediction_changes": int((fused.argmax(1) != unfused.argmax(1)).sum())}
+
+    def fused_check(self, results: list) -> str:
+        """The report's "fused == unfused" cell for DenoiseRep results (one per seed)."""
+        changes = sum(r.extra["prediction_changes"] for r in results)
+        same_metric = all(r.extra["unfused_metrics"]["top1"] == r.metrics["top1"] for r in results)
+        if changes == 0 and same_metric:
+            return "yes (identical predictions)"
+        return f"NO: {changes} predictions differ"

@@ -115,7 +115,8 @@ class PKBatchSampler(Sampler[list[int]]):
         if global_batch % num_instances or global_batch // num_instances < 2:
             raise ValueError(
                 f"--batch-size {global_batch} must be a multiple of K = {num_instances} images per identity, "
-                f"with at least 2 identities per batch for the triplet loss (e.g. {16 * num_instances} = 16 identities × {num_instances})"
+                f"with at least 2 identities per batch for the triplet loss (e.g. {16 * num_instances} = "
+                f"16 identities × {num_instances})"
             )
         sampler = RandomIdentitySampler(pids, global_batch, num_instances, seed=seed)
         sampler.set_epoch(epoch)
@@ -312,7 +313,8 @@ class ReidTask:
         gallery_cams: dict[int, set[int]] = {}
         for pid, cam in zip(self.g_pids.tolist(), self.g_camids.tolist()):
             gallery_cams.setdefault(pid, set()).add(cam)
-        valid = sum(bool(gallery_cams.get(p, set()) - {c}) for p, c in zip(self.q_pids.tolist(), self.q_camids.tolist()))
+        queries = zip(self.q_pids.tolist(), self.q_camids.tolist())
+        valid = sum(bool(gallery_cams.get(pid, set()) - {cam}) for pid, cam in queries)
         if valid == 0:
             raise ValueError(
                 f"{name}: no query has a same-identity gallery image from ANOTHER camera; the ReID protocol "

@@ -102,7 +102,8 @@ def _rows(results, task, device: torch.device, repeats: int) -> list[Row]:
             params=sum(p.numel() for p in model.parameters()),
             flops=_flops(model, batch),
             latency_ms=latency[variant]["median_ms"],
-            fused_check=_fused_check([results[s][variant] for s in results], task.primary_metric),
+            fused_check=task.fused_check([results[s][variant] for s in results])
+            if first[variant].stage == "denoise" else "",
         ))
     return rows
 
@@ -112,16 +113,6 @@ def _flops(model: nn.Module, batch: torch.Tensor) -> int:
     with counter, torch.no_grad():
         model(batch)
     return counter.get_total_flops()
-
-
-def _fused_check(results: list[StageResult], metric: str) -> str:
-    if results[0].stage != "denoise":
-        return ""
-    changes = sum(r.extra["prediction_changes"] for r in results)
-    same_metric = all(r.extra["unfused_metrics"][metric] == r.metrics[metric] for r in results)
-    if changes == 0 and same_metric:
-        return "yes (identical predictions)"
-    return f"NO: {changes} predictions differ"
 
 
 def _notes(cfg: TrainConfig, seeds: list[int], results) -> list[str]:

@@ -211,7 +211,7 @@ class _StageRunner:
         extra: dict = {}
         if self.spec.stage == "denoise":
             unfused_metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
-            unfused_logits = task.predictions(model, self.device) if info.is_main else None
+            unfused_outputs = task.predictions(model, self.device) if info.is_main else None
             example = task.example_inputs(self.device)
             model, report = fuse(model, example_inputs=example, return_report=True)
             metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
@@ -219,9 +219,7 @@ class _StageRunner:
             extra["fuse_max_relative_error"] = report.max_relative_error
             extra["added_biases"] = report.added_biases
             if info.is_main:
-                fused_logits = task.predictions(model, self.device)
-                extra["fused_vs_unfused_max_logit_error"] = float((fused_logits - unfused_logits).abs().max())
-                extra["prediction_changes"] = int((fused_logits.argmax(1) != unfused_logits.argmax(1)).sum())
+                extra.update(task.compare_outputs(unfused_outputs, task.predictions(model, self.device)))
         else:
             metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
         result = StageResult(self.spec.variant, self.spec.stage, metrics, history, extra=extra, model=model)
