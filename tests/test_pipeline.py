@@ -137,3 +137,20 @@ def test_ddp_with_two_gloo_processes_matches_one_process_with_the_same_global_ba
         assert multi["metrics"]["samples"] == single["metrics"]["samples"]
         assert multi["metrics"]["top1"] == pytest.approx(single["metrics"]["top1"], abs=0.2)
         assert multi["metrics"]["loss"] == pytest.approx(single["metrics"]["loss"], rel=1e-3)
+
+
+def test_denoiser_training_keeps_the_frozen_backbones_batchnorm_statistics():
+    from torch import nn
+
+    import denoiserep as dr
+    from denoiserep.train.engine import EpochSettings, train_one_epoch
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    dr.convert(model, example_inputs=x)
+    dr.set_trainable(model)
+    stats = model[1].running_mean.clone()
+    optimizer = torch.optim.SGD(dr.denoiser_parameters(model), lr=0.1)
+    settings = EpochSettings(lam=0.5, device=torch.device("cpu"), freeze_norm_statistics=True, show_progress=False)
+    train_one_epoch(model, [(x, y)] * 3, optimizer, nn.CrossEntropyLoss(), settings, epoch=0, num_updates=0)
+    assert torch.equal(model[1].running_mean, stats)

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from ..convert import denoise_loss
@@ -27,6 +28,9 @@ class EpochSettings:
     grad_clip: float | None = None
     stage: str = "train"
     show_progress: bool = True
+    # Keep BatchNorm layers in eval mode while only denoisers train: the backbone's running
+    # statistics stay frozen, and training sees exactly the statistics inference will use.
+    freeze_norm_statistics: bool = False
 
 
 def train_one_epoch(
@@ -50,6 +54,10 @@ def train_one_epoch(
     merged datasets. The task loss is skipped entirely when λ = 1 (label-free).
     """
     model.train()
+    if settings.freeze_norm_statistics:
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
     lam, device = settings.lam, settings.device
     extra_batches = itertools.cycle(extra_loader) if extra_loader is not None else None
     sums = {"loss": 0.0, "task_loss": 0.0, "denoise_loss": 0.0}

@@ -24,7 +24,6 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, save_fused
@@ -166,12 +165,13 @@ class _StageRunner:
         settings = EpochSettings(
             lam=self.spec.lam, device=self.device, autocast_dtype=self.autocast_dtype, grad_clip=cfg.grad_clip,
             stage=self.spec.variant, show_progress=info.is_main,
+            # A frozen backbone includes its BatchNorm statistics (see EpochSettings).
+            freeze_norm_statistics=self.spec.stage in ("denoise", "head") and not cfg.alternate_every,
         )
         mixup = self.task.mixup()
         task_loss = self.task.loss_fn(mixup_active=mixup is not None and self.spec.lam < 1.0)
         for epoch in range(start_epoch, self.epochs):
             phase = self._set_phase(model, epoch)
-            self._freeze_norm_statistics(model)
             loader = self.task.train_loader(info, cfg.seed, epoch, for_denoisers=self.spec.stage == "denoise")
             extra = self.task.extra_loader(info, cfg.seed, epoch) if self.spec.lam > 0 else None
             try:
@@ -199,9 +199,9 @@ class _StageRunner:
                     f"{train_stats['samples_per_s']:.0f} samples/s",
                     file=sys.stderr,
                 )
+                self._save_checkpoint(model, optimizer, scheduler, ema, epoch, num_updates, history)
                 self._append_log(row)
                 self._log_tensorboard(row)
-                self._save_checkpoint(model, optimizer, scheduler, ema, epoch, num_updates, history)
             barrier()
         final = ema.module if ema is not None else model
         return self._finish(final, history)
@@ -233,16 +233,6 @@ class _StageRunner:
         return result
 
     # -- helpers ------------------------------------------------------------------------------
-    def _freeze_norm_statistics(self, model: nn.Module) -> None:
-        """A frozen backbone includes its BatchNorm statistics: keep them in eval mode while
-        only denoisers train, so training sees exactly the statistics inference will use."""
-        if self.spec.stage in ("denoise", "head") and not any(
-            p.requires_grad for m in unwrap(model).modules() if isinstance(m, _BatchNorm) for p in m.parameters()
-        ):
-            for module in unwrap(model).modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         if not self.info.enabled:
             return model
