@@ -76,11 +76,11 @@ class Settings:
     train_batch: int = 8
     precise_rounds: int = 30  # baseline vs fused vs DenoiseRep⁻ at the matched step count
     dense_precise_rounds: int = 10  # the same for detection / segmentation (long calls)
-    sweep_rounds: int = 3  # baseline vs unfused vs the DenoiseRep⁻ step sweep
-    dense_sweep_rounds: int = 2
-    train_rounds: int = 5
+    sweep_rounds: int = 5  # baseline vs unfused vs the DenoiseRep⁻ step sweep
+    dense_sweep_rounds: int = 3
+    train_rounds: int = 4
     warmup: int = 2
-    train_warmup: int = 1  # after the FLOP-counted step, which warms up too
+    train_warmup: int = 0  # the FLOP-counted step before the timed ones is the warm-up
     step_sweep: tuple[int, ...] = DENOISE_MINUS_SWEEP
     profile_training: bool = True
     threads: int | None = None  # torch CPU threads; None keeps torch's default
@@ -103,7 +103,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.quick:
         base = replace(base, infer_batch=args.batch or 1, train_batch=args.batch or 2, precise_rounds=3,
                        dense_precise_rounds=2, sweep_rounds=2, dense_sweep_rounds=1, train_rounds=2, warmup=1,
-                       train_warmup=0, step_sweep=(1, 10), profile_training=False)
+                       step_sweep=(1, 10), profile_training=False)
     return replace(base, dtype=args.dtype, quick=args.quick, threads=args.threads)
 
 
@@ -233,8 +233,8 @@ CLASSIFIERS = [ModelSpec(n, "classification", 224) for n in (
 # denoisers keep the fused detector's proposals, hence its FLOPs, comparable to the baseline's.
 DETECTOR = ModelSpec("fasterrcnn_resnet50_fpn", "detection", 512, cpu_image_size=256, init="identity")
 SEGMENTER = ModelSpec("fcn_resnet50", "segmentation", 512, cpu_image_size=160)
-# Quick mode: a 4-block ViT-Ti at 64 px, so that the smoke test stays well under a minute.
-QUICK_VIT = ModelSpec("vit_tiny_patch16_224", "classification", 64, timm_kwargs=(("img_size", 64), ("depth", 4)))
+# Quick mode: a 2-block ViT-Ti at 64 px, so that the smoke test stays well under a minute.
+QUICK_VIT = ModelSpec("vit_tiny_patch16_224", "classification", 64, timm_kwargs=(("img_size", 64), ("depth", 2)))
 
 
 def inference_specs(settings: Settings) -> list[ModelSpec]:
@@ -435,9 +435,10 @@ def convert_and_fuse(spec: ModelSpec, baseline: nn.Module, inputs: tuple, settin
 
 def denoise_minus_variants(spec: ModelSpec, baseline: nn.Module, matched: int, settings: Settings) -> dict[str, nn.Module]:
     """DenoiseRep⁻ at the matched step count and over the sweep. Dense models run the head
-    once per RoI / pixel: too slow to time at N steps on a CPU, so they get T ≤ 10 only."""
+    once per RoI / pixel: too slow to time at N steps on a CPU, so they get one step, which
+    gives the per-step cost (FLOPs are linear in T)."""
     if spec.kind != "classification":
-        return {f"DenoiseRep⁻ T={t}": denoise_minus_model(spec, baseline, t) for t in settings.step_sweep if t <= 10}
+        return {"DenoiseRep⁻ T=1": denoise_minus_model(spec, baseline, 1)}
     variants = {f"DenoiseRep⁻ T={matched} (matched)": denoise_minus_model(spec, baseline, matched)}
     variants.update({f"DenoiseRep⁻ T={t}": denoise_minus_model(spec, baseline, t) for t in settings.step_sweep if t != matched})
     return variants
@@ -625,7 +626,7 @@ def count_step_flops(step: Callable[[], None]) -> int:
 def profile_step(step: Callable[[], None], top: int = 8) -> tuple[list[tuple[str, float, int]], float]:
     """Top operators by self time in one step (torch.profiler), as shares of the step's total."""
     step()
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
@@ -720,12 +721,12 @@ def inference_findings(result: InferenceResult) -> str:
                 f"{(row.flops / base.flops - 1) * 100:+.1f}% FLOPs (paper: +{PAPER_DENOISE_MINUS_OVERHEAD * 100:.0f}% on "
                 f"TransReID-SSL)." + per_step_cost(by, m))
         else:
-            one, ten = by[(m, "DenoiseRep⁻ T=1")], by.get((m, "DenoiseRep⁻ T=10"))
-            per_step = ((ten.flops - one.flops) / 9) if ten else (one.flops - base.flops)
+            one = by[(m, "DenoiseRep⁻ T=1")]
+            per_step = one.flops - base.flops
             lines.append(
-                f"- **DenoiseRep⁻ on {m}** (per RoI / per pixel): each step adds {per_step / 1e9:.2f} GFLOPs "
-                f"({per_step / base.flops * 100:.1f}% of the model); the matched T={steps} would add "
-                f"{steps * per_step / base.flops * 100:.0f}% FLOPs, so only T ≤ 10 was timed.")
+                f"- **DenoiseRep⁻ on {m}** (per RoI / per pixel): one step costs {(one.timing.ratio - 1) * 100:+.0f}% "
+                f"latency and adds {per_step / 1e9:.2f} GFLOPs ({per_step / base.flops * 100:.1f}% of the model); the "
+                f"matched T={steps} would add {steps * per_step / base.flops * 100:.0f}% FLOPs, so only T = 1 was timed.")
     target_model, target_s = TARGET_FUSE_SECONDS
     for c in result.conversions:
         if c.model == target_model:
@@ -795,9 +796,14 @@ def training_findings(result: TrainingResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_markdown(settings: Settings, argv: Sequence[str], load: tuple[float, float]) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+
+
+def machine_markdown(settings: Settings, argv: Sequence[str], minutes: dict[str, float], load: tuple[float, float]) -> str:
+    cpu = cpu_model()
     device = torch.cuda.get_device_name() if settings.device == "cuda" else f"CPU ({cpu})"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return table(["", ""], [
@@ -808,6 +814,7 @@ def machine_markdown(settings: Settings, argv: Sequence[str], load: tuple[float,
                      f"torchvision {torchvision.__version__}, denoiserep {dr.__version__}"),
         ("precision / batch", f"{settings.dtype}; inference batch {settings.infer_batch}, training batch {settings.train_batch}"),
         ("load average (1 min) at start / end", f"{load[0]:.2f} / {load[1]:.2f} (other jobs share this machine)"),
+        ("wall time per section", ", ".join(f"{k} {v:.1f} min" for k, v in minutes.items()) or "—"),
         ("date (UTC)", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")),
         ("command", f"`python -m denoiserep.bench {' '.join(argv)}`".replace("  ", " ")),
     ])
@@ -827,7 +834,8 @@ size on CPU (table below); every model uses random weights (nothing is downloade
 time on TransReID-SSL. DenoiseRep itself runs the reverse chain t = N … 1 once, one step per
 denoised embedding layer (t_i = N − i + 1). The matched DenoiseRep⁻ runs that same chain, N steps,
 on the final feature: **T = N, the number of converted layers of the model** (e.g. 49 for ViT-S).
-The sweep (T = 1, 10, 50, 100) shows how the cost scales.
+The sweep (T = 1, 10, 50, 100) shows how the cost scales. Detection and segmentation run the head
+once per RoI / pixel, so there only T = 1 is timed: it gives the per-step cost.
 
 **Timing.** Latency is the median over interleaved rounds (each round calls every variant once,
 the order rotating), after warm-up; each ratio is the median of per-round ratios to the baseline
@@ -853,15 +861,16 @@ activations, without the interpreter and libraries; on CUDA `torch.cuda.max_memo
 """
 
 
-def render(settings: Settings, argv: Sequence[str], sections: Sequence[str], parts: dict[str, str], load: tuple[float, float]) -> str:
+def render(settings: Settings, argv: Sequence[str], parts: dict[str, str], minutes: dict[str, float],
+           load: tuple[float, float]) -> str:
     mode = "quick mode (tiny model, few repetitions: a smoke test, not a measurement)" if settings.quick else "full run"
     out = [f"# Benchmarks\n\nGenerated by `denoiserep.bench` ({mode}); rerun to refresh. Tracker issue 4.\n",
-           "## Machine and command\n", machine_markdown(settings, argv, load)]
+           "## Machine and command\n", machine_markdown(settings, argv, minutes, load)]
     titles = {"inference": "## 1. Inference cost\n", "training": "## 2. Training cost\n", "accuracy": "## 3. Accuracy\n"}
     setups = {"inference": INFERENCE_SETUP, "training": TRAINING_SETUP, "accuracy": ""}
     for section in SECTIONS:
         out.append(titles[section])
-        out.append(setups[section] + "\n" + parts[section] if section in sections else "Not run (not in `--sections`).\n")
+        out.append(setups[section] + "\n" + parts[section] if section in parts else "Not run (not in `--sections`).\n")
     out.append("## GPU\n")
     out.append(gpu_markdown(settings))
     return "\n".join(out)
@@ -882,14 +891,18 @@ def run(settings: Settings, sections: Sequence[str] = SECTIONS, argv: Sequence[s
     """Run the requested sections and return the whole BENCHMARKS markdown."""
     apply_threads(settings)
     load_start = os.getloadavg()[0]
+    runners = {
+        "inference": lambda: inference_markdown(run_inference(settings)),
+        "training": lambda: training_markdown(run_training(settings)),
+        "accuracy": lambda: accuracy_section(settings.quick),
+    }
     parts: dict[str, str] = {}
-    if "inference" in sections:
-        parts["inference"] = inference_markdown(run_inference(settings))
-    if "training" in sections:
-        parts["training"] = training_markdown(run_training(settings))
-    if "accuracy" in sections:
-        parts["accuracy"] = accuracy_section(settings.quick)
-    return render(settings, argv, sections, parts, (load_start, os.getloadavg()[0]))
+    minutes: dict[str, float] = {}
+    for section in (s for s in SECTIONS if s in sections):
+        start = time.perf_counter()
+        parts[section] = runners[section]()
+        minutes[section] = (time.perf_counter() - start) / 60
+    return render(settings, argv, parts, minutes, (load_start, os.getloadavg()[0]))
 
 
 def write_atomically(path: Path, text: str) -> None:
