@@ -1,7 +1,6 @@
 """convert / fuse behaviour: selection, execution order, timesteps, errors, determinism."""
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -182,7 +181,7 @@ def test_fusing_a_model_without_denoisers_is_refused():
 
 
 def test_layers_with_a_weight_transforming_forward_are_skipped_with_a_warning():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.layers import StdConv2d
 
     class Model(nn.Module):

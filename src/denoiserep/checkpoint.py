@@ -96,6 +96,21 @@ def load_fused(model: nn.Module, path: str | os.PathLike, device: str | torch.de
     return model
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A user's weights file: .safetensors, or a torch file holding a state_dict, possibly
+    nested under "state_dict" / "model" / "state_dict_ema" / "module" (common training scripts)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (nothing is downloaded: pass a local file)")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: dict[tuple[int, int], str] = {}
     out = {}

@@ -34,6 +34,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, to_2tuple
 from torch import nn
 
+from .checkpoint import read_state_dict
 from .models import create_model, feature_dim
 
 REID_MODEL_KWARGS = ("patch_stride", "last_stride", "backbone_weights", "neck_feat")
@@ -184,19 +185,7 @@ def set_last_stride(resnet: nn.Module, stride: int) -> None:
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a local weights file into the backbone (classifier dropped, position embedding resampled)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone_weights {path} does not exist (nothing is downloaded: pass a local file)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "state_dict_ema", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
     _resample_position_embedding(state, backbone, path)
     filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:

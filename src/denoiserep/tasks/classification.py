@@ -13,7 +13,7 @@ from ..data.classification import ClassificationData, load_classification_data, 
 from ..head import DenoiseHead
 from ..models import HeadedClassifier, create_model, default_model_for, feature_dim
 from ..train.config import TrainConfig
-from ..train.distributed import DistInfo, GlobalBatchSampler, all_reduce_sum, shard_indices
+from ..train.distributed import DistInfo, GlobalBatchSampler, all_reduce_sum, shard_indices, unlabeled_loader
 
 
 class ClassificationTask:
@@ -78,9 +78,7 @@ class ClassificationTask:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
         if self.extra is None:
             return None
-        batch = min(self.cfg.batch_size, len(self.extra) // info.world_size * info.world_size)
-        sampler = GlobalBatchSampler(len(self.extra), batch, info, seed + 1, epoch)
-        return DataLoader(self.extra, batch_sampler=sampler, num_workers=self.cfg.workers)
+        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
 
     def mixup(self) -> Mixup | None:
         if self.cfg.mixup <= 0 and self.cfg.cutmix <= 0:

@@ -42,7 +42,7 @@ from ..metrics.reid import evaluate_features
 from ..models import default_model_for
 from ..models_reid import ReidModel, ReidTrainOutput, create_reid_model
 from ..train.config import TrainConfig
-from ..train.distributed import DistInfo, GlobalBatchSampler, shard_indices
+from ..train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
 from .reid_losses import TripletLoss
 
 logger = logging.getLogger(__name__)
@@ -379,9 +379,7 @@ class ReidTask:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
         if self.extra is None:
             return None
-        batch = min(self.cfg.batch_size, len(self.extra) // info.world_size * info.world_size)
-        sampler = GlobalBatchSampler(len(self.extra), batch, info, seed + 1, epoch)
-        return DataLoader(self.extra, batch_sampler=sampler, num_workers=self.cfg.workers)
+        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
 
     def mixup(self) -> None:
         return None  # mixing identities would break the triplet loss's positives

@@ -110,3 +110,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
 def shard_indices(num_samples: int, info: DistInfo) -> list[int]:
     """This rank's share of an evaluation set: no padding, so sums over ranks are exact."""
     return list(range(info.rank, num_samples, info.world_size))
+
+
+def unlabeled_loader(dataset, global_batch: int, info: DistInfo, seed: int, epoch: int, workers: int):
+    """Batches of extra unlabeled images for the label-free loss (the paper's "merged datasets"):
+    at most one global batch, a multiple of the number of processes."""
+    from torch.utils.data import DataLoader
+
+    batch = min(global_batch, len(dataset) // info.world_size * info.world_size)
+    sampler = GlobalBatchSampler(len(dataset), batch, info, seed + 1, epoch)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)

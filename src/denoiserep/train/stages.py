@@ -26,7 +26,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, save_fused
+from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, read_state_dict, save_fused
 from ..convert import conversion_state, convert, set_trainable, unwrap
 from ..fuse import fuse
 from ..head import DenoiseHead
@@ -306,19 +306,7 @@ class _StageRunner:
 
 def load_init_weights(model: nn.Module, path: str) -> None:
     """Load a user's checkpoint (.safetensors, or a torch file holding a state_dict)."""
-    path_obj = Path(path)
-    if not path_obj.exists():
-        raise FileNotFoundError(f"--init {path} does not exist")
-    if path_obj.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path_obj))
-    else:
-        state = torch.load(path_obj, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "state_dict_ema"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
+    state = read_state_dict(path)
     classifier = unwrap(model).get_classifier() if hasattr(unwrap(model), "get_classifier") else None
     if isinstance(classifier, nn.Linear):
         prefix = next((n for n, m in model.named_modules() if m is classifier), None)
