@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sections 1-2 of the benchmark suite (inference and training cost) on one CUDA GPU:
-# CUDA-event timing, bf16 autocast, batch 32. Writes BENCHMARKS_GPU.md; about 3-5 minutes
-# on an H100 (budget: under 8). Extra arguments go to denoiserep.bench, e.g. --batch 64.
+# CUDA-event timing, bf16 autocast, batch 32. Writes BENCHMARKS_GPU.md. Not yet run on a GPU:
+# estimated 3-5 minutes on an H100 (budget: under 8). Extra arguments go to denoiserep.bench.
 #
 #   bash benchmarks/gpu.sh
 set -euo pipefail

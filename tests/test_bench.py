@@ -84,6 +84,14 @@ def test_interleaved_timer_returns_medians_and_per_round_ratios():
     assert timings["fast"].ratio == 1.0 and timings["fast"].ratio_iqr == 0.0
     assert timings["slow"].median_s > timings["fast"].median_s
     assert timings["slow"].ratio > 1.0
+    low, high = timings["slow"].ratio_ci
+    assert 1.0 < low <= timings["slow"].ratio <= high
+
+
+def test_a_target_is_met_or_missed_only_where_the_interval_says_so():
+    assert bench.verdict((0.99, 1.01), 0.98, 1.02) == "met"
+    assert "missed" in bench.verdict((1.03, 1.10), 0.98, 1.02)
+    assert "not resolved" in bench.verdict((0.97, 1.01), 0.98, 1.02)
 
 
 def test_accuracy_section_uses_the_pipeline_hook_only_when_it_exists(monkeypatch):
@@ -96,6 +104,20 @@ def test_accuracy_section_uses_the_pipeline_hook_only_when_it_exists(monkeypatch
     hook.run_accuracy = lambda quick: f"| accuracy table, quick={quick} |\n"
     monkeypatch.setitem(sys.modules, "denoiserep.bench_accuracy", hook)
     assert "| accuracy table, quick=True |" in bench.run(bench.Settings(quick=True), sections=("accuracy",))
+
+
+def test_sections_not_run_are_kept_from_the_previous_file(tmp_path):
+    previous = tmp_path / "BENCH.md"
+    previous.write_text(
+        "# Benchmarks\n\n## Machine and command\n\nold machine\n\n## 2. Training cost\n\nold training\n\n"
+        "## 3. Accuracy (5 seeds)\n\n### digits\n\nold accuracy\n\n## GPU\n\nold gpu\n", encoding="utf-8")
+    kept = bench.existing_sections(previous)
+    assert set(kept) == {"training", "accuracy"}
+    text = bench.run(bench.Settings(quick=True), sections=(), kept=kept)
+    assert "## 2. Training cost\n\nold training\n" in text
+    assert "## 3. Accuracy (5 seeds)\n\n### digits\n\nold accuracy\n" in text
+    assert "## 1. Inference cost\n\nNot run" in text and "old machine" not in text and "old gpu" not in text
+    assert "| sections kept from the previous file | training, accuracy |" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")

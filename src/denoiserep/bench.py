@@ -25,6 +25,7 @@ import importlib.util
 import multiprocessing
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -49,6 +50,7 @@ from denoiserep.config import DenoiseConfig
 from denoiserep.fuse import _eval_outputs, _relative_error
 
 SECTIONS = ("inference", "training", "accuracy")
+SECTION_TITLES = {"inference": "## 1. Inference cost", "training": "## 2. Training cost", "accuracy": "## 3. Accuracy"}
 DENOISE_MINUS_SWEEP = (1, 10, 50, 100)
 PAPER_DENOISE_MINUS_OVERHEAD = 0.15  # TransReID-SSL, +15% inference time (the paper's table)
 REFERENCE_STEP_RATIO = 1.58  # the authors' released code, ViT-S, batch 8, 2 CPU threads
@@ -119,12 +121,14 @@ def autocast(settings: Settings) -> contextlib.AbstractContextManager:
 
 @dataclass(frozen=True)
 class Timing:
-    """Median and interquartile range of one callable, and of its per-round ratio to the baseline."""
+    """Median and interquartile range of one callable, and of its per-round ratio to the
+    baseline, with a bootstrap 95% confidence interval of that median ratio."""
 
     median_s: float
     iqr_s: float
     ratio: float
     ratio_iqr: float
+    ratio_ci: tuple[float, float]
 
 
 def cpu_clock(fn: Callable[[], object]) -> float:
@@ -174,6 +178,15 @@ def interleaved_times(
     return times
 
 
+def median_ci(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95% interval of the median: says whether a ratio's distance from a target is
+    resolved by the measurement or lost in the machine's noise."""
+    rng = np.random.default_rng(seed)
+    medians = np.median(values[rng.integers(0, len(values), (resamples, len(values)))], axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, Timing]:
     """Median/IQR per callable; the ratio is the median over rounds of ``t / t_baseline``."""
     base = np.asarray(times[baseline])
@@ -182,7 +195,7 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, Timing]
         t = np.asarray(values)
         q1, q2, q3 = np.percentile(t, [25, 50, 75])
         r1, r2, r3 = np.percentile(t / base, [25, 50, 75])
-        out[name] = Timing(float(q2), float(q3 - q1), float(r2), float(r3 - r1))
+        out[name] = Timing(float(q2), float(q3 - q1), float(r2), float(r3 - r1), median_ci(t / base))
     return out
 
 
@@ -679,6 +692,19 @@ def met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def verdict(ci: tuple[float, float], low: float, high: float) -> str:
+    """Target [low, high] against a 95% interval: met or missed only where the interval says so."""
+    if low <= ci[0] and ci[1] <= high:
+        return "met"
+    if ci[1] < low or ci[0] > high:
+        return "**missed**"
+    return "not resolved (the 95% interval straddles the target)"
+
+
+def ci_text(ci: tuple[float, float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def inference_markdown(result: InferenceResult) -> str:
     conv = table(
         ["model", "input", "converted", "layers", "left out", "backbone params", "denoiser params (full)",
@@ -687,9 +713,11 @@ def inference_markdown(result: InferenceResult) -> str:
           millions(c.denoiser_params), f"{c.fuse_s:.2f}", f"{c.fuse_flops / 1e9:.0f}", c.added_biases, f"{c.relative_error:.1e}", "yes" if c.keys_equal else "no")
          for c in result.conversions])
     rows = table(
-        ["model", "variant", "params", "GFLOPs", "latency median (ms)", "IQR (ms)", "ratio to baseline", "ratio IQR"],
+        ["model", "variant", "params", "GFLOPs", "latency median (ms)", "IQR (ms)", "ratio to baseline", "ratio IQR",
+         "ratio 95% CI"],
         [(r.model, r.variant, millions(r.params), f"{r.flops / 1e9:.2f}", f"{r.timing.median_s * 1e3:.1f}",
-          f"{r.timing.iqr_s * 1e3:.1f}", f"{r.timing.ratio:.3f}", f"{r.timing.ratio_iqr:.3f}") for r in result.rows])
+          f"{r.timing.iqr_s * 1e3:.1f}", f"{r.timing.ratio:.3f}", f"{r.timing.ratio_iqr:.3f}", ci_text(r.timing.ratio_ci))
+         for r in result.rows])
     return conv + "\n" + rows + "\n" + inference_findings(result)
 
 
@@ -697,16 +725,15 @@ def inference_findings(result: InferenceResult) -> str:
     """The 'what this shows' paragraph, computed from the numbers."""
     by = {(r.model, r.variant): r for r in result.rows}
     models = [c.model for c in result.conversions]
-    fused = {m: by[(m, "fused")] for m in models}
-    ratios = {m: r.timing.ratio for m, r in fused.items()}
+    fused = {m: by[(m, "fused")].timing for m in models}
+    ratios = [t.ratio for t in fused.values()]
     lo, hi = TARGET_FUSED_LATENCY
-    outside = [f"{m} ({v:.3f})" for m, v in ratios.items() if not lo <= v <= hi]
+    per_model = "; ".join(f"{m} {t.ratio:.3f} {ci_text(t.ratio_ci)}: {verdict(t.ratio_ci, lo, hi)}" for m, t in fused.items())
     unfused = [by[(m, "converted (unfused)")].timing.ratio for m in models]
     lines = [
         f"- **Fused FLOPs equal the baseline's** for all {len(models)} models (asserted by the run).",
-        f"- **Fused / baseline latency** (median of per-round ratios): {min(ratios.values()):.3f} – "
-        f"{max(ratios.values()):.3f}; target {lo:.2f}–{hi:.2f}: {met(not outside)}"
-        + (f" (outside: {', '.join(outside)})." if outside else "."),
+        f"- **Fused / baseline latency** (median of per-round ratios, 95% interval; target {lo:.2f}–{hi:.2f}): "
+        f"{min(ratios):.3f} – {max(ratios):.3f} over the models. {per_model}.",
         f"- **Converted but unfused** costs {min(unfused):.1f}× – {max(unfused):.1f}× the baseline: the parametrization "
         "recomputes every W′ = W (c3 I − c1 A) on each forward (out × d_in² per layer, independent of the batch). "
         "That is the training-time path; deploy the fused model.",
@@ -756,12 +783,14 @@ def training_markdown(result: TrainingResult) -> str:
     plain = {r.model: r for r in result.rows if r.variant.denoiser is None}
     rows = table(
         ["model", "phase", "trainable params", "denoiser / backbone params", "GFLOPs / step", "FLOPs ratio",
-         "step median (ms)", "IQR (ms)", "step ratio to plain", "ratio IQR", "peak memory (MiB)", "memory ratio to plain"],
+         "step median (ms)", "IQR (ms)", "step ratio to plain", "ratio IQR", "ratio 95% CI", "peak memory (MiB)",
+         "memory ratio to plain"],
         [(r.model, r.variant.label, millions(r.info.trainable),
           f"{r.info.denoiser / r.info.backbone:.2f}" if r.variant.denoiser else "—",
           f"{r.flops / 1e9:.1f}", f"{r.flops / plain[r.model].flops:.2f}",
           f"{r.timing.median_s * 1e3:.0f}", f"{r.timing.iqr_s * 1e3:.0f}", f"{r.timing.ratio:.2f}",
-          f"{r.timing.ratio_iqr:.2f}", f"{r.peak_bytes / MIB:.0f}", f"{r.peak_bytes / plain[r.model].peak_bytes:.2f}")
+          f"{r.timing.ratio_iqr:.2f}", ci_text(r.timing.ratio_ci), f"{r.peak_bytes / MIB:.0f}",
+          f"{r.peak_bytes / plain[r.model].peak_bytes:.2f}")
          for r in result.rows])
     out = rows + "\n" + training_findings(result)
     if result.profile:
@@ -779,15 +808,14 @@ def training_findings(result: TrainingResult) -> str:
             continue
         memory = r.peak_bytes / plain[r.model].peak_bytes
         params = r.info.denoiser / r.info.backbone
+        step = f"step {r.timing.ratio:.2f}× plain {ci_text(r.timing.ratio_ci)}"
+        mem = f"memory {memory:.2f}×"
+        if r.variant.denoiser == "full":  # the step and memory targets are set for the full-rank denoisers
+            step += f" (≤ {TARGET_STEP_RATIO}: {verdict(r.timing.ratio_ci, 0.0, TARGET_STEP_RATIO)})"
+            mem += f" (≤ {TARGET_MEMORY_RATIO}: {met(memory <= TARGET_MEMORY_RATIO)})"
         param_target = TARGET_PARAMS_FULL if r.variant.denoiser == "full" else TARGET_PARAMS_LOW_RANK
-        parts = [f"params {params:.2f}× backbone (≤ {param_target:g}: {met(params <= param_target)})"]
-        flops = r.flops / plain[r.model].flops
-        if r.variant.denoiser == "full":
-            parts.insert(0, f"step {r.timing.ratio:.2f}× plain (≤ {TARGET_STEP_RATIO}: {met(r.timing.ratio <= TARGET_STEP_RATIO)}; "
-                            f"FLOPs {flops:.2f}×)")
-            parts.insert(1, f"memory {memory:.2f}× (≤ {TARGET_MEMORY_RATIO}: {met(memory <= TARGET_MEMORY_RATIO)})")
-        else:
-            parts.insert(0, f"step {r.timing.ratio:.2f}× (FLOPs {flops:.2f}×), memory {memory:.2f}×")
+        parts = [step, f"FLOPs {r.flops / plain[r.model].flops:.2f}×", mem,
+                 f"params {params:.2f}× backbone (≤ {param_target:g}: {met(params <= param_target)})"]
         lines.append(f"- **{r.model}, {r.variant.label}**: " + "; ".join(parts) + ".")
     ref_denoiser, ref_backbone = REFERENCE_DENOISER_PARAMS
     lines.append(f"- Reference (the authors' released code, ViT-S, batch 8, 2 CPU threads): denoiser step "
@@ -802,7 +830,8 @@ def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
 
 
-def machine_markdown(settings: Settings, argv: Sequence[str], minutes: dict[str, float], load: tuple[float, float]) -> str:
+def machine_markdown(settings: Settings, argv: Sequence[str], minutes: dict[str, float], load: tuple[float, float],
+                     carried: Sequence[str]) -> str:
     cpu = cpu_model()
     device = torch.cuda.get_device_name() if settings.device == "cuda" else f"CPU ({cpu})"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -817,6 +846,7 @@ def machine_markdown(settings: Settings, argv: Sequence[str], minutes: dict[str,
         ("wall time per section", ", ".join(f"{k} {v:.1f} min" for k, v in minutes.items()) or "—"),
         ("date (UTC)", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")),
         ("command", f"`python -m denoiserep.bench {' '.join(argv)}`".replace("  ", " ")),
+        ("sections kept from the previous file", ", ".join(carried) or "none"),
     ])
 
 
@@ -861,16 +891,32 @@ activations, without the interpreter and libraries; on CUDA `torch.cuda.max_memo
 """
 
 
+def existing_sections(path: Path) -> dict[str, str]:
+    """The numbered sections of an existing BENCHMARKS file, heading included (a title may go
+    on after its number, e.g. "## 3. Accuracy (embedded datasets, 5 seeds)")."""
+    if not path.exists():
+        return {}
+    chunks = re.split(r"(?m)^(?=## )", path.read_text(encoding="utf-8"))
+    numbered = {title.split(".")[0]: name for name, title in SECTION_TITLES.items()}
+    return {numbered[c.split(".")[0]]: c.rstrip() + "\n" for c in chunks if c.split(".")[0] in numbered}
+
+
 def render(settings: Settings, argv: Sequence[str], parts: dict[str, str], minutes: dict[str, float],
-           load: tuple[float, float]) -> str:
+           load: tuple[float, float], kept: dict[str, str]) -> str:
+    """The whole file. Sections not run this time are ``kept`` verbatim from the previous file
+    (so one section can be refreshed, e.g. by its owner, without discarding the others)."""
     mode = "quick mode (tiny model, few repetitions: a smoke test, not a measurement)" if settings.quick else "full run"
+    carried = [name for name in SECTIONS if name not in parts and name in kept]
     out = [f"# Benchmarks\n\nGenerated by `denoiserep.bench` ({mode}); rerun to refresh. Tracker issue 4.\n",
-           "## Machine and command\n", machine_markdown(settings, argv, minutes, load)]
-    titles = {"inference": "## 1. Inference cost\n", "training": "## 2. Training cost\n", "accuracy": "## 3. Accuracy\n"}
+           "## Machine and command\n", machine_markdown(settings, argv, minutes, load, carried)]
     setups = {"inference": INFERENCE_SETUP, "training": TRAINING_SETUP, "accuracy": ""}
     for section in SECTIONS:
-        out.append(titles[section])
-        out.append(setups[section] + "\n" + parts[section] if section in parts else "Not run (not in `--sections`).\n")
+        if section in parts:
+            out.append(f"{SECTION_TITLES[section]}\n\n{setups[section]}\n{parts[section]}")
+        elif section in kept:
+            out.append(kept[section])
+        else:
+            out.append(f"{SECTION_TITLES[section]}\n\nNot run (not in `--sections`).\n")
     out.append("## GPU\n")
     out.append(gpu_markdown(settings))
     return "\n".join(out)
@@ -887,8 +933,10 @@ def gpu_markdown(settings: Settings) -> str:
 # -- entry point ---------------------------------------------------------------------------
 
 
-def run(settings: Settings, sections: Sequence[str] = SECTIONS, argv: Sequence[str] = ()) -> str:
-    """Run the requested sections and return the whole BENCHMARKS markdown."""
+def run(settings: Settings, sections: Sequence[str] = SECTIONS, argv: Sequence[str] = (),
+        kept: dict[str, str] | None = None) -> str:
+    """Run the requested sections and return the whole BENCHMARKS markdown; ``kept`` holds
+    the previous file's sections, used for those not run."""
     apply_threads(settings)
     load_start = os.getloadavg()[0]
     runners = {
@@ -902,14 +950,17 @@ def run(settings: Settings, sections: Sequence[str] = SECTIONS, argv: Sequence[s
         start = time.perf_counter()
         parts[section] = runners[section]()
         minutes[section] = (time.perf_counter() - start) / 60
-    return render(settings, argv, parts, minutes, (load_start, os.getloadavg()[0]))
+    return render(settings, argv, parts, minutes, (load_start, os.getloadavg()[0]), kept or {})
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """A reader never sees a half-written file: write a temp file beside it, then rename."""
+    """A reader never sees a half-written file: write a temp file beside it, then rename.
+    The temp file is private (0600); the result gets the old file's mode, or 0644."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8") as tmp:
         tmp.write(text)
+    os.chmod(tmp.name, mode)
     os.replace(tmp.name, path)
 
 
@@ -933,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    text = run(settings_from_args(args), args.sections, argv)
+    text = run(settings_from_args(args), args.sections, argv, existing_sections(args.output))
     write_atomically(args.output, text)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
