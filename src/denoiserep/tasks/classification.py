@@ -70,10 +70,6 @@ class ClassificationTask:
         sampler = GlobalBatchSampler(len(dataset), self.cfg.batch_size, info, seed, epoch)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers)
 
-    @property
-    def denoise_data_is_unlabeled(self) -> bool:
-        return self.denoise_train is not None
-
     def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
         if self.extra is None:
