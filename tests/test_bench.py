@@ -1,10 +1,7 @@
 """The benchmark suite: quick mode end to end, the fused-FLOPs contract, the interleaved timer."""
 
 import copy
-import importlib.machinery
-import sys
 import time
-import types
 
 import pytest
 import timm
@@ -12,6 +9,7 @@ import torch
 
 import denoiserep as dr
 from denoiserep import DenoiseConfig, bench
+from denoiserep.timing import time_interleaved
 
 
 def table_rows(text: str, header_start: str) -> list[dict[str, str]]:
@@ -78,7 +76,7 @@ def test_interleaved_timer_returns_medians_and_per_round_ratios():
         return run
 
     fns = {"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.02)}
-    timings = bench.time_interleaved(fns, "fast", rounds=6, warmup=1)
+    timings = time_interleaved(fns, "fast", rounds=6, warmup=1)
     assert calls[:2] == ["fast", "slow"]  # warm-up
     assert calls[2:6] == ["fast", "slow", "slow", "fast"]  # interleaved, order rotating each round
     assert timings["fast"].ratio == 1.0 and timings["fast"].ratio_iqr == 0.0
@@ -94,16 +92,13 @@ def test_a_target_is_met_or_missed_only_where_the_interval_says_so():
     assert "not resolved" in bench.verdict((0.97, 1.01), 0.98, 1.02)
 
 
-def test_accuracy_section_uses_the_pipeline_hook_only_when_it_exists(monkeypatch):
-    monkeypatch.setitem(sys.modules, "denoiserep.bench_accuracy", None)  # as if absent
-    text = bench.run(bench.Settings(quick=True), sections=("accuracy",))
-    assert "Not yet measured" in text and "## 1. Inference cost\n\nNot run" in text
+def test_accuracy_section_is_the_accuracy_study_under_its_setup_text(monkeypatch):
+    import denoiserep.bench_accuracy
 
-    hook = types.ModuleType("denoiserep.bench_accuracy")
-    hook.__spec__ = importlib.machinery.ModuleSpec(hook.__name__, None)
-    hook.run_accuracy = lambda quick: f"| accuracy table, quick={quick} |\n"
-    monkeypatch.setitem(sys.modules, "denoiserep.bench_accuracy", hook)
-    assert "| accuracy table, quick=True |" in bench.run(bench.Settings(quick=True), sections=("accuracy",))
+    monkeypatch.setattr(denoiserep.bench_accuracy, "run_accuracy", lambda quick: f"| accuracy table, quick={quick} |\n")
+    text = bench.run(bench.Settings(quick=True), sections=("accuracy",))
+    assert "## 3. Accuracy\n\n" + bench.ACCURACY_SETUP in text
+    assert "| accuracy table, quick=True |" in text and "## 1. Inference cost\n\nNot run" in text
 
 
 def test_sections_not_run_are_kept_from_the_previous_file(tmp_path):
@@ -126,3 +121,12 @@ def test_cuda_without_a_gpu_fails_fast_and_writes_nothing(tmp_path, capsys):
     assert bench.main(["--device", "cuda", "--output", str(out)]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_cli_hands_bench_arguments_including_help_to_the_benchmark(capsys):
+    from denoiserep import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "--help"])
+    assert exited.value.code == 0
+    assert "--sections" in capsys.readouterr().out

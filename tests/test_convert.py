@@ -94,6 +94,31 @@ def test_bias_free_conv_folds_into_the_following_batchnorm_and_otherwise_gains_a
     assert report.max_relative_error < 1e-5
 
 
+def test_a_frozen_batchnorm_absorbs_the_constant_like_a_batchnorm():
+    from torchvision.ops.misc import FrozenBatchNorm2d  # what torchvision's detectors use
+
+    model = ConvBN()
+    model.bn = FrozenBatchNorm2d(6)
+    model.bn.running_mean.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    dr.convert(model, DenoiseConfig(init="random"), example_inputs=x)
+    _, report = dr.fuse(model, example_inputs=x, return_report=True)
+    assert report.layers[0].bias == "folded into bn"
+    assert model.conv.bias is None and report.max_relative_error < 1e-5
+
+
+def test_fusing_a_parent_after_converting_a_submodule_finds_the_submodules_batchnorms():
+    detector = nn.Sequential()
+    detector.backbone = ConvBN()
+    detector.head = nn.Conv2d(4, 2, 1)
+    x = torch.randn(2, 3, 8, 8)
+    dr.convert(detector.backbone, DenoiseConfig(init="random"), example_inputs=x)
+    _, report = dr.fuse(detector, example_inputs=x, return_report=True)
+    how = {layer.name: layer.bias for layer in report.layers}
+    assert how == {"backbone.conv": "folded into backbone.bn", "backbone.proj": "added"}
+    assert report.max_relative_error < 1e-5
+
+
 def test_keep_state_dict_keys_skips_layers_that_would_gain_a_bias():
     model = ConvBN()
     x = torch.randn(2, 3, 8, 8)

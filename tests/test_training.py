@@ -1,5 +1,6 @@
 """Training behaviour: what trains, what the noise loss does, precision and parallel modes."""
 
+import contextlib
 import copy
 import os
 
@@ -25,6 +26,33 @@ def structured_batch(n=32):
     """Inputs with strong channel structure, so a linear denoiser can learn to predict noise."""
     base = torch.randn(n, 1, 1, 1) * torch.ones(1, 1, 6, 6)
     return base + 0.05 * torch.randn(n, 1, 6, 6)
+
+
+def test_noise_loss_only_gives_the_same_loss_and_gradients_without_a_graph_through_the_backbone():
+    model = small_cnn()
+    x = structured_batch(8)
+    dr.convert(model, DenoiseConfig(init="random", loss_token_fraction=0.5), example_inputs=x)
+    dr.set_trainable(model)
+    model.train()
+
+    def loss_and_grads(context):
+        torch.manual_seed(0)  # the same noise samples and token subsets in both runs
+        with context:
+            outputs = model(x)
+        loss = dr.denoise_loss(model)
+        grads = torch.autograd.grad(loss, list(dr.denoiser_parameters(model)), allow_unused=True)
+        return outputs, loss, grads
+
+    outputs, loss, grads = loss_and_grads(contextlib.nullcontext())
+    outputs_only, loss_only, grads_only = loss_and_grads(dr.noise_loss_only(model))
+    assert outputs.requires_grad and not outputs_only.requires_grad
+    torch.testing.assert_close(outputs_only, outputs.detach())
+    torch.testing.assert_close(loss_only, loss)
+    for g, g_only in zip(grads, grads_only):
+        assert (g is None) == (g_only is None)
+        if g is not None:
+            torch.testing.assert_close(g_only, g)
+    assert not any(d.noise_loss_only for _, _, d in dr.layer_denoisers(model))  # the context restores
 
 
 def test_training_the_denoisers_lowers_the_noise_loss_and_leaves_the_backbone_bit_identical():

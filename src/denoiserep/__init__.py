@@ -14,6 +14,7 @@ from .convert import (
     denoiser_parameters,
     is_converted,
     layer_denoisers,
+    noise_loss_only,
     set_trainable,
 )
 from .fuse import FuseReport, fuse
@@ -36,6 +37,7 @@ __all__ = [
     "load_converted",
     "load_fused",
     "make_schedule",
+    "noise_loss_only",
     "save_converted",
     "save_fused",
     "set_trainable",

@@ -6,8 +6,8 @@
 
 Sections: ``inference`` (params, FLOPs and latency of baseline / converted / fused /
 DenoiseRep⁻), ``training`` (step time, peak memory and parameter count of the denoiser
-phase against plain fine-tuning) and ``accuracy`` (delegated to
-``denoiserep.bench_accuracy.run_accuracy`` when that module exists).
+phase against plain fine-tuning) and ``accuracy`` (``denoiserep.bench_accuracy``: several
+seeds on the embedded datasets, paired against a control).
 
 Latency on a shared machine drifts, so every comparison is timed interleaved (A B A B …,
 the order rotated each round) and reported as the median of per-round ratios, never as a
@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import importlib
-import importlib.util
 import multiprocessing
 import os
 import platform
@@ -36,7 +34,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -48,6 +45,7 @@ from tqdm import tqdm
 import denoiserep as dr
 from denoiserep.config import DenoiseConfig
 from denoiserep.fuse import _eval_outputs, _relative_error
+from denoiserep.timing import Timing, cpu_clock, cuda_clock, time_interleaved
 
 SECTIONS = ("inference", "training", "accuracy")
 SECTION_TITLES = {"inference": "## 1. Inference cost", "training": "## 2. Training cost", "accuracy": "## 3. Accuracy"}
@@ -116,94 +114,8 @@ def autocast(settings: Settings) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-# -- interleaved timing --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Median and interquartile range of one callable, and of its per-round ratio to the
-    baseline, with a bootstrap 95% confidence interval of that median ratio."""
-
-    median_s: float
-    iqr_s: float
-    ratio: float
-    ratio_iqr: float
-    ratio_ci: tuple[float, float]
-
-
-def cpu_clock(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def cuda_clock(fn: Callable[[], object]) -> float:
-    """CUDA events time the device work, not the host's kernel launches."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
 def clock_for(settings: Settings) -> Callable[[Callable[[], object]], float]:
     return cuda_clock if settings.device == "cuda" else cpu_clock
-
-
-def interleaved_times(
-    fns: dict[str, Callable[[], object]],
-    rounds: int,
-    warmup: int = 1,
-    clock: Callable[[Callable[[], object]], float] = cpu_clock,
-    desc: str = "timing",
-) -> dict[str, list[float]]:
-    """Seconds per call, one call of each callable per round.
-
-    The order rotates every round (A B C, B C A, …) so that no callable always runs right
-    after the same neighbour (caches, CPU frequency); background load then hits all of
-    them alike, which is what makes per-round ratios meaningful on a shared machine.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with tqdm(total=rounds * len(names), desc=desc, file=sys.stderr, leave=False) as progress:
-        for r in range(rounds):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                times[name].append(clock(fns[name]))
-                progress.update()
-    return times
-
-
-def median_ci(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap 95% interval of the median: says whether a ratio's distance from a target is
-    resolved by the measurement or lost in the machine's noise."""
-    rng = np.random.default_rng(seed)
-    medians = np.median(values[rng.integers(0, len(values), (resamples, len(values)))], axis=1)
-    low, high = np.percentile(medians, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, Timing]:
-    """Median/IQR per callable; the ratio is the median over rounds of ``t / t_baseline``."""
-    base = np.asarray(times[baseline])
-    out = {}
-    for name, values in times.items():
-        t = np.asarray(values)
-        q1, q2, q3 = np.percentile(t, [25, 50, 75])
-        r1, r2, r3 = np.percentile(t / base, [25, 50, 75])
-        out[name] = Timing(float(q2), float(q3 - q1), float(r2), float(r3 - r1), median_ci(t / base))
-    return out
-
-
-def time_interleaved(
-    fns: dict[str, Callable[[], object]], baseline: str, rounds: int, warmup: int = 1,
-    clock: Callable[[Callable[[], object]], float] = cpu_clock, desc: str = "timing",
-) -> dict[str, Timing]:
-    return summarize(interleaved_times(fns, rounds, warmup, clock, desc), baseline)
 
 
 # -- models --------------------------------------------------------------------------------
@@ -512,14 +424,16 @@ class TrainVariant:
     label: str
     denoiser: str | None = None
     loss_token_fraction: float = 1.0
+    lam: float = 0.5  # 0.5: label-aug (task + noise loss); 1.0: label-free (noise loss only)
 
 
 TRAIN_VARIANTS = (
     TrainVariant("plain fine-tuning"),
-    TrainVariant("denoisers, full rank, fraction 1.0", "full", 1.0),
-    TrainVariant("denoisers, full rank, fraction 0.1", "full", 0.1),
-    TrainVariant("denoisers, low rank (r=8), fraction 1.0", "low_rank", 1.0),
-    TrainVariant("denoisers, low rank (r=8), fraction 0.1", "low_rank", 0.1),
+    TrainVariant("denoisers, full rank, λ 0.5, fraction 1.0", "full", 1.0),
+    TrainVariant("denoisers, full rank, λ 0.5, fraction 0.1", "full", 0.1),
+    TrainVariant("denoisers, full rank, label-free, fraction 0.1", "full", 0.1, lam=1.0),
+    TrainVariant("denoisers, low rank (r=8), λ 0.5, fraction 0.1", "low_rank", 0.1),
+    TrainVariant("denoisers, low rank (r=8), label-free, fraction 0.1", "low_rank", 0.1, lam=1.0),
 )
 
 
@@ -533,7 +447,8 @@ class TrainInfo:
 def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settings) -> tuple[Callable[[], None], TrainInfo]:
     """One optimizer step of either phase, at the same batch and with the same optimizer (AdamW).
 
-    Denoiser phase: converted model, only the denoisers train, loss = 0.5·CE + 0.5·denoise_loss.
+    Denoiser phase: converted model, only the denoisers train, loss = 0.5·CE + 0.5·denoise_loss
+    (label-aug) or denoise_loss alone under `noise_loss_only` (label-free, as the trainer runs it).
     """
     torch.manual_seed(0)
     model = spec.build(settings).to(settings.device).train()
@@ -554,7 +469,11 @@ def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settin
         info = TrainInfo(counts["denoisers"], counts["denoisers"], backbone)
 
         def loss_fn() -> torch.Tensor:
-            return 0.5 * F.cross_entropy(model(x), y) + 0.5 * dr.denoise_loss(model)
+            if variant.lam == 1.0:
+                with dr.noise_loss_only(model):
+                    model(x)
+                return dr.denoise_loss(model)
+            return (1 - variant.lam) * F.cross_entropy(model(x), y) + variant.lam * dr.denoise_loss(model)
 
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
@@ -665,14 +584,13 @@ def run_training(settings: Settings) -> TrainingResult:
     return result
 
 
-# -- accuracy (hook for the pipeline owner) ------------------------------------------------
+# -- accuracy ------------------------------------------------------------------------------
 
 
 def accuracy_section(quick: bool) -> str:
-    """Delegates to ``denoiserep.bench_accuracy.run_accuracy(quick) -> markdown`` once it exists."""
-    if importlib.util.find_spec("denoiserep.bench_accuracy") is None:
-        return "Not yet measured: `denoiserep.bench_accuracy` does not exist yet.\n"
-    return importlib.import_module("denoiserep.bench_accuracy").run_accuracy(quick)
+    from denoiserep.bench_accuracy import run_accuracy
+
+    return run_accuracy(quick)
 
 
 # -- markdown ------------------------------------------------------------------------------
@@ -759,7 +677,7 @@ def inference_findings(result: InferenceResult) -> str:
         if c.model == target_model:
             lines.append(
                 f"- **fuse time** {c.model}: {c.fuse_s:.2f} s (target < {target_s:.0f} s on CPU: {met(c.fuse_s < target_s)}; "
-                f"one measurement) for {c.fuse_flops / 1e9:.0f} GFLOPs of float64 products W·A "
+                f"one measurement) for {c.fuse_flops / 1e9:.0f} GFLOPs of float32 products W·A "
                 f"({c.fuse_flops / 1e9 / c.fuse_s:.0f} GFLOP/s): the full-rank fusion costs out × d_in² per layer.")
     return "\n".join(lines) + "\n"
 
@@ -794,7 +712,7 @@ def training_markdown(result: TrainingResult) -> str:
          for r in result.rows])
     out = rows + "\n" + training_findings(result)
     if result.profile:
-        out += ("\nWhere the time goes in one denoiser-phase step (ViT-S, full rank, fraction 1.0; "
+        out += ("\nWhere the time goes in one denoiser-phase step (ViT-S, full rank, λ 0.5, fraction 1.0; "
                 f"torch.profiler, {result.profile_total_s:.2f} s of operator self time):\n\n")
         out += table(["operator", "share of self time", "calls"], [(k, f"{s * 100:.1f}%", n) for k, s, n in result.profile])
     return out
@@ -879,9 +797,10 @@ detector: its proposals, hence its FLOPs, depend on its weights, so it uses the 
 TRAINING_SETUP = """\
 One optimizer step (AdamW, lr 1e-4) at the same batch, 224 px, random labels: **plain fine-tuning**
 (every parameter trains, cross-entropy) against the **denoiser phase** (converted model,
-`set_trainable(denoisers=True, backbone=False)`, loss = 0.5·CE + 0.5·`denoise_loss`), with full-rank and
-low-rank (rank 8) denoisers and with the noise loss on all positions (`loss_token_fraction` 1.0)
-or on a random 10%. Step time as in the inference section (interleaved, per-round ratios); FLOPs per
+`set_trainable(denoisers=True, backbone=False)`), label-aug (loss = 0.5·CE + 0.5·`denoise_loss`) or
+label-free (loss = `denoise_loss`, forward under `noise_loss_only`: nothing is back-propagated through
+the backbone), with full-rank and low-rank (rank 8) denoisers and with the noise loss on all positions
+(`loss_token_fraction` 1.0) or on a random 10%. Step time as in the inference section (interleaved, per-round ratios); FLOPs per
 step (forward + backward, `FlopCounterMode`) are the machine-independent counterpart of the step ratio.
 
 **Peak memory**, one fresh process per measurement (allocators keep freed memory, so variants must
@@ -890,6 +809,17 @@ RSS just before the model was built, i.e. weights, denoisers, gradients, optimiz
 activations, without the interpreter and libraries; on CUDA `torch.cuda.max_memory_allocated`.
 """
 
+
+ACCURACY_SETUP = """\
+`denoiserep.bench_accuracy.run_accuracy`: per dataset and seed (0–4), the pipeline's baseline,
+control (the baseline trained for the same extra steps with the same optimizer and learning rate,
+whole backbone), DenoiseRep⁻, and DenoiseRep label-free (λ = 1) / label-aug (λ = 0.5) under three
+settings: `authors` = β linear 1e-4→2e-3 with t_i = N − i + 1 (the library default, the authors'
+code); `ddpm-spread` = β linear 1e-4→0.02 with the layers spread over t ∈ [1, 1000];
+`ddpm-spread-f0.1` = the same with the noise loss on a random 10% of positions. DenoiseRep rows are
+evaluated after fusion. Δ are paired per seed, with 95% t-intervals. The two datasets run side by
+side, one process and one thread each.
+"""
 
 def existing_sections(path: Path) -> dict[str, str]:
     """The numbered sections of an existing BENCHMARKS file, heading included (a title may go
@@ -909,7 +839,7 @@ def render(settings: Settings, argv: Sequence[str], parts: dict[str, str], minut
     carried = [name for name in SECTIONS if name not in parts and name in kept]
     out = [f"# Benchmarks\n\nGenerated by `denoiserep.bench` ({mode}); rerun to refresh. Tracker issue 4.\n",
            "## Machine and command\n", machine_markdown(settings, argv, minutes, load, carried)]
-    setups = {"inference": INFERENCE_SETUP, "training": TRAINING_SETUP, "accuracy": ""}
+    setups = {"inference": INFERENCE_SETUP, "training": TRAINING_SETUP, "accuracy": ACCURACY_SETUP}
     for section in SECTIONS:
         if section in parts:
             out.append(f"{SECTION_TITLES[section]}\n\n{setups[section]}\n{parts[section]}")

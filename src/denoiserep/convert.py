@@ -1,11 +1,12 @@
 """`convert`: select a model's embedding layers, order them by execution, attach denoisers.
 
 Also the training-time API that works on a converted model: `denoise_loss`,
-`set_trainable`, `denoiser_parameters`.
+`noise_loss_only`, `set_trainable`, `denoiser_parameters`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import re
@@ -235,7 +236,8 @@ def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: A
             found = bias_free_outputs.get(id(args[0])) if args else None
             if found is not None:
                 layer_name = found[0]
-                if module.track_running_stats and module.num_features == _out_channels(candidates[layer_name]):
+                running_mean = getattr(module, "running_mean", None)
+                if running_mean is not None and running_mean.numel() == _out_channels(candidates[layer_name]):
                     following.setdefault(layer_name, norm_name)
 
         return hook
@@ -245,7 +247,7 @@ def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: A
         if module.bias is None:
             handles.append(module.register_forward_hook(on_layer_output(name)))
     for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm):
+        if _is_batch_norm(module):
             handles.append(module.register_forward_pre_hook(on_norm_call(name)))
 
     was_training = {m: m.training for m in model.modules()}
@@ -282,6 +284,12 @@ def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: A
     if not order:
         raise ValueError("none of the selected layers ran on example_inputs; check the inputs and the patterns")
     return order, following
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    """BatchNorm with running statistics, including the frozen kind torchvision's detectors and
+    timm use (``FrozenBatchNorm2d``: not a ``_BatchNorm``, same eval-mode formula)."""
+    return isinstance(module, _BatchNorm) or type(module).__name__.startswith("FrozenBatchNorm")
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -346,6 +354,27 @@ def denoise_loss(model: nn.Module) -> torch.Tensor:
         return torch.stack([loss.float() for loss in losses]).sum()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return torch.zeros((), device=device)
+
+
+@contextlib.contextmanager
+def noise_loss_only(model: nn.Module) -> Iterator[None]:
+    """Forwards inside train only through the noise losses: label-free training (λ = 1).
+
+    The model still runs the denoised path (each layer sees the inputs the fused model will
+    give it), but W′ and the bias shifts are computed without autograd, so no activation is
+    kept and nothing is back-propagated through the backbone. `denoise_loss` and its
+    gradients are exactly those of the same forward outside the context; the model's
+    outputs carry no gradient (use it only when the task loss is not needed).
+    """
+    denoisers = [denoiser for _, _, denoiser in layer_denoisers(model)]
+    previous = [denoiser.noise_loss_only for denoiser in denoisers]
+    for denoiser in denoisers:
+        denoiser.noise_loss_only = True
+    try:
+        yield
+    finally:
+        for denoiser, value in zip(denoisers, previous):
+            denoiser.noise_loss_only = value
 
 
 def denoiser_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

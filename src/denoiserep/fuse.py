@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from .convert import STATE_ATTR, _call, layer_denoisers, unwrap
-from .layers import detach, fused_weight
+from .layers import detach
 
 logger = logging.getLogger(__name__)
 
@@ -48,28 +48,28 @@ def fuse(
     directly consumes its output (exact in eval mode; in train mode BatchNorm removes it
     anyway); where there is none, the layer gains a bias, and the report and a warning say so.
 
-    Fusion is computed in float64 and is deterministic: the same checkpoint always gives
-    bit-identical weights. With ``example_inputs``, the eval-mode outputs before and after
+    W′ is computed by the same function as the training forward (so fused weights are the
+    weights training saw) and the bias shift in float64; fusion is deterministic: the same
+    checkpoint always gives bit-identical weights on a given machine. With ``example_inputs``, the eval-mode outputs before and after
     fusion are compared and a RuntimeError is raised if their relative error exceeds
     ``tolerance``.
     """
     model = unwrap(model)
-    converted = list(layer_denoisers(model))
-    if not converted:
+    if not any(True for _ in layer_denoisers(model)):
         raise ValueError(
             "nothing to fuse: this model has no DenoiseRep denoisers. Call denoiserep.convert(model) "
             "first, or load a converted checkpoint with denoiserep.load_converted()."
         )
     reference = _eval_outputs(model, example_inputs) if example_inputs is not None else None
-    modules = dict(model.named_modules())
     report = FuseReport()
     with torch.no_grad():
-        for name, layer, denoiser in converted:
+        for name, layer, denoiser, norm_name, norm in _with_following_norms(model):
             weight = layer.parametrizations.weight.original
-            w64 = weight.detach().double()
-            new_weight = fused_weight(w64, denoiser.matrix().double(), denoiser.c1, denoiser.c3, denoiser.groups)
-            shift = denoiser.bias_shift(w64).to(weight.dtype)
-            norm = _following_norm(modules, name, denoiser.following_norm)
+            # The weight exactly as the training forward computed it (float32 at least: half-
+            # precision weights are fused in float32 and rounded once); the bias in float64.
+            compute_dtype = torch.promote_types(weight.dtype, torch.float32)
+            new_weight = denoiser(weight.detach().to(compute_dtype))
+            shift = denoiser.bias_shift(weight.detach().double()).to(weight.dtype)
             detach(layer)
             _remove_weight_parametrization(layer)
             layer.weight.copy_(new_weight.to(weight.dtype))
@@ -79,7 +79,7 @@ def fuse(
             elif norm is not None:
                 # BN(y + s) with running mean m equals BN(y) with running mean m − s.
                 norm.running_mean.sub_(shift.to(norm.running_mean.dtype))
-                how = f"folded into {denoiser.following_norm}"
+                how = f"folded into {norm_name}"
             else:
                 layer.bias = nn.Parameter(shift, requires_grad=weight.requires_grad)
                 how = "added"
@@ -126,16 +126,33 @@ def _remove_weight_parametrization(layer: nn.Module) -> None:
         params[key] = params.pop(key)
 
 
-def _following_norm(modules: dict[str, nn.Module], layer_name: str, norm_name: str | None) -> nn.Module | None:
-    if norm_name is None:
-        return None
-    norm = modules.get(norm_name)
-    if norm is None or getattr(norm, "running_mean", None) is None:
-        raise ValueError(
-            f"layer {layer_name} should fold its constant into BatchNorm {norm_name}, which this model "
-            "lacks or which tracks no running statistics; the model changed after convert()"
-        )
-    return norm
+def _with_following_norms(model: nn.Module) -> list[tuple]:
+    """(layer name, layer, denoiser, BatchNorm name, BatchNorm or None) for every denoised layer.
+
+    A plan's BatchNorm names are relative to the module `convert` was called on, which may be
+    a submodule of ``model`` (``convert(detector.backbone)``, then ``fuse(detector)``).
+    """
+    roots = [(prefix, module) for prefix, module in model.named_modules() if hasattr(module, STATE_ATTR)]
+    found, seen = [], set()
+    # Innermost roots first (reversed pre-order): a layer belongs to the nearest convert() call.
+    for prefix, root in reversed(roots or [("", model)]):
+        modules = dict(root.named_modules())
+        qualify = (lambda name, prefix=prefix: f"{prefix}.{name}") if prefix else (lambda name: name)
+        for name, layer, denoiser in layer_denoisers(root):
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            norm_name, norm = denoiser.following_norm, None
+            if norm_name is not None:
+                norm = modules.get(norm_name)
+                if norm is None or getattr(norm, "running_mean", None) is None:
+                    raise ValueError(
+                        f"layer {qualify(name)} should fold its constant into BatchNorm {qualify(norm_name)}, which "
+                        "this model lacks or which tracks no running statistics; the model changed after convert()"
+                    )
+                norm_name = qualify(norm_name)
+            found.append((qualify(name), layer, denoiser, norm_name, norm))
+    return found
 
 
 def _eval_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ becomes a pure bias shift of ``Σ_{i,k} W[o, i, k] · u_i``).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -64,6 +65,9 @@ class LayerDenoiser(nn.Module):
         self.following_norm: str | None = None  # set by convert(): a BatchNorm fed by this layer
         self._pending_losses: list[torch.Tensor] = []
         self._warned_uncollected = False
+        # Set by `convert.noise_loss_only`: the forward then computes W′ and the bias shift
+        # without recording them for autograd (label-free training needs no task gradient).
+        self.noise_loss_only = False
 
         weight = layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -108,6 +112,10 @@ class LayerDenoiser(nn.Module):
             return self.A
         return torch.diag_embed(self.A_diag) + self.U @ self.V
 
+    def constant(self) -> torch.Tensor:
+        """``A e + a``: the part of D(x) = A (x + e) + a that does not depend on x."""
+        return self.apply_matrix(self.e.unsqueeze(0)).squeeze(0) + self.a
+
     def apply_matrix(self, rows: torch.Tensor) -> torch.Tensor:
         """``A x`` for rows of shape (M, channels), without forming A in the low-rank case."""
         x = rows.reshape(rows.shape[0], self.groups, self.group_channels)
@@ -119,18 +127,32 @@ class LayerDenoiser(nn.Module):
 
     def denoise(self, rows: torch.Tensor) -> torch.Tensor:
         """The unfused reverse step on input rows (M, channels): ``c3 x − c1 D(x) + σ z``."""
-        predicted = self.apply_matrix(rows + self.e) + self.a
+        predicted = self.apply_matrix(rows) + self.constant()
         return self.c3 * rows - self.c1 * predicted + self.noise
 
     # -- fusion ---------------------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """W′ = W (c3 I − c1 A), per conv group; computed once per forward, batch-independent."""
-        return fused_weight(weight, self.matrix(), self.c1, self.c3, self.groups)
+        """W′ = W (c3 I − c1 A) = c3 W − c1 W A, per conv group; once per forward, batch-independent.
+
+        Written as one fused multiply-add on the weight's rows (no identity matrix); the
+        low-rank form never builds the dense d × d matrix: W′ = W diag(c3 − c1 a) − c1 (W U) V.
+        `fuse` calls this same function, so fused weights are the ones the training forward used.
+        """
+        with torch.no_grad() if self.noise_loss_only else contextlib.nullcontext():
+            return self._fused_weight(weight)
+
+    def _fused_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        rows = _weight_rows(weight, self.groups)  # (groups, out/groups · kernel, d)
+        if self.form == "full":
+            fused = torch.baddbmm(rows, rows, self.A.to(rows.dtype), beta=self.c3, alpha=-self.c1)
+        else:
+            scaled = rows * (self.c3 - self.c1 * self.A_diag.to(rows.dtype)).unsqueeze(1)
+            fused = torch.baddbmm(scaled, rows @ self.U.to(rows.dtype), self.V.to(rows.dtype), alpha=-self.c1)
+        return _weight_from_rows(fused, weight.shape, self.groups)
 
     def bias_shift(self, weight: torch.Tensor) -> torch.Tensor:
         """``W u`` with ``u = −c1 (A e + a) + σ z``, summed over the kernel (shape: out_features)."""
-        constant = self.apply_matrix(self.e.unsqueeze(0)).squeeze(0) + self.a
-        u = (-self.c1 * constant + self.noise).reshape(self.groups, self.group_channels)
+        u = (-self.c1 * self.constant() + self.noise).reshape(self.groups, self.group_channels)
         kernel_sum = weight.sum(dim=tuple(range(2, weight.ndim))) if weight.ndim > 2 else weight
         per_group = kernel_sum.reshape(self.groups, -1, self.group_channels)
         return torch.einsum("goi,gi->go", per_group, u.to(per_group.dtype)).reshape(-1)
@@ -147,7 +169,9 @@ class LayerDenoiser(nn.Module):
             rows = rows[torch.randint(rows.shape[0], (keep,), device=rows.device)]
         eps = torch.randn_like(rows)
         noisy = self.sqrt_alpha_bar * rows + self.sqrt_one_minus_alpha_bar * eps
-        predicted = self.apply_matrix(noisy + self.e) + self.a
+        # A (x + e) + a with A applied to the rows and to e separately: the constant A e + a is
+        # then one vector, and no (rows × channels) sum is materialised for autograd.
+        predicted = self.apply_matrix(noisy) + self.constant()
         return noise_prediction_loss(predicted.float(), eps.float(), self.loss_type)
 
     def pop_losses(self) -> list[torch.Tensor]:
@@ -158,14 +182,18 @@ class LayerDenoiser(nn.Module):
         return f"channels={self.channels}, groups={self.groups}, t={self.timestep}, form={self.form}"
 
 
-def fused_weight(weight: torch.Tensor, matrix: torch.Tensor, c1: float, c3: float, groups: int) -> torch.Tensor:
-    """``W (c3 I − c1 A)`` for a Linear (out, in) or ConvNd (out, in/groups, *k) weight."""
-    g, d, _ = matrix.shape
-    eye = torch.eye(d, device=matrix.device, dtype=matrix.dtype)
-    step_matrix = c3 * eye - c1 * matrix
-    grouped = weight.reshape(groups, weight.shape[0] // groups, d, *weight.shape[2:])
-    fused = torch.einsum("goj...,gji->goi...", grouped, step_matrix.to(weight.dtype))
-    return fused.reshape(weight.shape)
+def _weight_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A Linear (out, d) or ConvNd (out, d/groups, *k) weight as rows (groups, out/groups · k, d/groups)."""
+    out, d = weight.shape[0], weight.shape[1]
+    kernel = weight[0, 0].numel()
+    per_group = weight.reshape(groups, out // groups, d, kernel)
+    return per_group.transpose(2, 3).reshape(groups, -1, d)
+
+
+def _weight_from_rows(rows: torch.Tensor, shape: torch.Size, groups: int) -> torch.Tensor:
+    out, d = shape[0], shape[1]
+    per_group = rows.reshape(groups, out // groups, -1, d)
+    return per_group.transpose(2, 3).reshape(shape)
 
 
 def noise_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, loss_type: str) -> torch.Tensor:
@@ -214,7 +242,8 @@ def denoise_pre_hook(layer: nn.Module, args: tuple) -> None:
 def bias_shift_hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """Add the denoiser's constant term; ``W′`` already came from the parametrization."""
     denoiser = denoiser_of(layer)
-    shift = denoiser.bias_shift(layer.parametrizations.weight.original)
+    with torch.no_grad() if denoiser.noise_loss_only else contextlib.nullcontext():
+        shift = denoiser.bias_shift(layer.parametrizations.weight.original)
     return output + shift.reshape(-1, *([1] * denoiser.spatial_dims)).to(output.dtype)
 
 

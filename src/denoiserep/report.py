@@ -17,6 +17,7 @@ class Row:
     params: int
     flops: int
     latency_ms: float
+    latency_ratio: float  # median over interleaved rounds of this variant's time / the baseline's
     fused_check: str = ""  # DenoiseRep rows: whether fused and unfused predictions agree
 
 
@@ -51,7 +52,7 @@ def format_table(rows: list[Row], metric_label: str, baseline: str = "baseline",
             f"{row.params:,}",
             _si(row.flops),
             f"{row.latency_ms:.2f}",
-            f"{row.latency_ms / base.latency_ms:.3f}",
+            f"{row.latency_ratio:.3f}",
             row.fused_check or "—",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from ..convert import denoise_loss
+from ..convert import denoise_loss, noise_loss_only
 
 
 class NonFiniteLossError(RuntimeError):
@@ -71,12 +72,16 @@ def train_one_epoch(
         if mixup is not None and lam < 1.0:
             inputs, targets = mixup(inputs, targets)
         with torch.autocast(device.type, dtype=settings.autocast_dtype, enabled=settings.autocast_dtype is not None):
-            outputs = model(inputs)
+            # Label-free (λ = 1): the outputs are not needed, so nothing is back-propagated
+            # through the backbone; the noise losses and their gradients are unchanged.
+            with noise_loss_only(model) if lam == 1.0 else contextlib.nullcontext():
+                outputs = model(inputs)
             task = task_loss(outputs, targets) if lam < 1.0 else outputs.new_zeros(()).float()
             denoise = denoise_loss(model)
             if extra_batches is not None:
                 extra_inputs, _ = next(extra_batches)
-                model(extra_inputs.to(device, non_blocking=True))
+                with noise_loss_only(model):  # extra data feeds only the noise loss
+                    model(extra_inputs.to(device, non_blocking=True))
                 denoise = denoise + denoise_loss(model)
             loss = (1.0 - lam) * task + lam * denoise if lam > 0 else task
         if not math.isfinite(loss.item()):

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..report import Row, format_table, plot_report, write_report
-from ..timing import interleaved_latency
+from ..timing import time_interleaved
 from .config import TrainConfig
 from .distributed import DistInfo
 from .stages import StageResult, StageSpec, run_stage
@@ -92,7 +92,9 @@ def _rows(results, task, device: torch.device, repeats: int) -> list[Row]:
     batch = task.example_inputs(device, batch=task.cfg.eval_batch_size)
     for model in models.values():
         model.eval()
-    latency = interleaved_latency({v: (lambda m=m: m(batch)) for v, m in models.items()}, repeats=repeats)
+    with torch.inference_mode():
+        latency = time_interleaved({v: (lambda m=m: m(batch)) for v, m in models.items()}, next(iter(models)),
+                                   rounds=repeats, warmup=3, desc="latency")
     rows = []
     for variant, model in models.items():
         metric = [results[s][variant].metrics[task.primary_metric] for s in results]
@@ -101,7 +103,8 @@ def _rows(results, task, device: torch.device, repeats: int) -> list[Row]:
             metric=metric,
             params=sum(p.numel() for p in model.parameters()),
             flops=_flops(model, batch),
-            latency_ms=latency[variant]["median_ms"],
+            latency_ms=latency[variant].median_s * 1e3,
+            latency_ratio=latency[variant].ratio,
             fused_check=task.fused_check([results[s][variant] for s in results])
             if first[variant].stage == "denoise" else "",
         ))
