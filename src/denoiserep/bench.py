@@ -735,6 +735,17 @@ def training_findings(result: TrainingResult) -> str:
         parts = [step, f"FLOPs {r.flops / plain[r.model].flops:.2f}×", mem,
                  f"params {params:.2f}× backbone (≤ {param_target:g}: {met(params <= param_target)})"]
         lines.append(f"- **{r.model}, {r.variant.label}**: " + "; ".join(parts) + ".")
+    lines.append(
+        "- Why the label-aug denoiser phase costs more than plain fine-tuning: every forward forms each "
+        "W′ = c3 W − c1 W A (out × d_in² multiply-adds per layer, whatever the batch) and the task loss "
+        "back-propagates through it (as much again); the noise loss adds d_in² per sampled position, which "
+        "`loss_token_fraction` scales down. Label-free steps (`noise_loss_only`) need no backward through the "
+        "backbone, and the low-rank W′ costs out × d_in × r.")
+    lines.append(
+        "- Full-rank denoiser parameters exceed the backbone's where layers widen their input: A is d_in × d_in, "
+        "so a ViT MLP's fc2 (1536 → 384) carries a 1536² = 2.4M-parameter denoiser for its own 0.6M weights. "
+        "Convolutions have k² · out ≥ d_in weights per input channel, hence ResNet-50's 0.78×. The low-rank "
+        "form (diag + rank r) is the one under 1×.")
     ref_denoiser, ref_backbone = REFERENCE_DENOISER_PARAMS
     lines.append(f"- Reference (the authors' released code, ViT-S, batch 8, 2 CPU threads): denoiser step "
                  f"{REFERENCE_STEP_RATIO}× plain fine-tuning, {ref_denoiser / 1e6:.0f}M denoiser parameters for a "

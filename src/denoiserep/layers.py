@@ -183,7 +183,7 @@ class LayerDenoiser(nn.Module):
 
 
 def _weight_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A Linear (out, d) or ConvNd (out, d/groups, *k) weight as rows (groups, out/groups · k, d/groups)."""
+    """A Linear (out, in) or ConvNd (out, in/groups, *k) weight as rows (groups, out/groups · k, in/groups)."""
     out, d = weight.shape[0], weight.shape[1]
     kernel = weight[0, 0].numel()
     per_group = weight.reshape(groups, out // groups, d, kernel)
