@@ -18,4 +18,4 @@ def _deterministic():
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected|: the error measure the exactness contract uses."""
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+    return float(((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).detach())

@@ -124,13 +124,15 @@ def test_kill_9_mid_epoch_then_resume_gives_the_same_final_metrics(tmp_path):
 
 def test_ddp_with_two_gloo_processes_matches_one_process_with_the_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    stages = ["--stage", "baseline", "control", "--extra-epochs", "1", "--device", "cpu"]
+    # The label-free denoise stage runs its forwards under noise_loss_only: DDP must still
+    # all-reduce the denoisers' gradients, which then come from the noise losses alone.
+    stages = ["--stage", "baseline", "control", "denoise", "--label-free", "--extra-epochs", "1", "--device", "cpu"]
     subprocess.run(_train_command(tmp_path, "single", 2, *stages), check=True, env=env, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp = _train_command(tmp_path, "ddp", 2, *stages)
     proc = subprocess.run(torchrun + ddp[1:], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for variant in ("baseline", "control"):
+    for variant in ("baseline", "control", "denoiserep-label-free"):
         single = json.loads((tmp_path / "single" / variant / "result.json").read_text())
         multi = json.loads((tmp_path / "ddp" / variant / "result.json").read_text())
         assert multi["metrics"]["samples"] == single["metrics"]["samples"]
