@@ -813,6 +813,8 @@ label-free (loss = `denoise_loss`, forward under `noise_loss_only`: nothing is b
 the backbone), with full-rank and low-rank (rank 8) denoisers and with the noise loss on all positions
 (`loss_token_fraction` 1.0) or on a random 10%. Step time as in the inference section (interleaved, per-round ratios); FLOPs per
 step (forward + backward, `FlopCounterMode`) are the machine-independent counterpart of the step ratio.
+Forming W′ costs the same at any batch, so the ratios fall as the batch grows:
+`python benchmarks/training_batch_scaling.py --batches 8 32` measures ViT-S at both (not part of this run).
 
 **Peak memory**, one fresh process per measurement (allocators keep freed memory, so variants must
 not share a process): on CPU the resident-set high-water mark (`VmHWM`) over two steps (the second is the steady state: weights, gradients, optimizer state and activations at once) minus the
