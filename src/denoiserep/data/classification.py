@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
@@ -213,6 +213,17 @@ def load_unlabeled_images(path: str, *, image_size: int, in_chans: int) -> Datas
     mode = "L" if in_chans == 1 else "RGB"
     transform = _default_image_transform(image_size, is_training=False, in_chans=in_chans)
     return UnlabeledImageDataset(files, mode, transform)
+
+
+def unlabeled_datasets(
+    extra_paths: list[str], denoise_path: str | None, load: Callable[[str], Dataset]
+) -> tuple[Dataset | None, Dataset | None]:
+    """A run's unlabeled images, each folder read by the task's ``load``: the ``--extra-data``
+    folders merged into one set (the label-free loss on merged datasets) and the
+    ``--denoise-data`` folder (the denoisers' training set); None where not given."""
+    extra = ConcatDataset([load(path) for path in extra_paths]) if extra_paths else None
+    denoise = load(denoise_path) if denoise_path else None
+    return extra, denoise
 
 
 def _from_tensor_splits(

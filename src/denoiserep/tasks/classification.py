@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
-from ..data.classification import ClassificationData, load_classification_data, load_unlabeled_images
+from ..data.classification import (
+    ClassificationData,
+    load_classification_data,
+    load_unlabeled_images,
+    unlabeled_datasets,
+)
 from ..head import DenoiseHead
 from ..models import HeadedClassifier, create_model, default_model_for, feature_dim
 from ..train.config import TrainConfig
@@ -26,15 +33,9 @@ class ClassificationTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.data: ClassificationData = load_classification_data(cfg.data, image_size=cfg.image_size)
-        channels, size = self.data.input_shape[0], self.data.input_shape[-1]
-        self.extra: Dataset | None = None
-        if cfg.extra_data:
-            self.extra = ConcatDataset(
-                [load_unlabeled_images(p, image_size=size, in_chans=channels) for p in cfg.extra_data]
-            )
-        self.denoise_train: Dataset | None = None
-        if cfg.denoise_data:
-            self.denoise_train = load_unlabeled_images(cfg.denoise_data, image_size=size, in_chans=channels)
+        load = functools.partial(load_unlabeled_images, image_size=self.data.input_shape[-1],
+                                 in_chans=self.data.input_shape[0])
+        self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, load)
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -72,8 +73,6 @@ class ClassificationTask:
 
     def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
-        if self.extra is None:
-            return None
         return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
 
     def mixup(self) -> Mixup | None:

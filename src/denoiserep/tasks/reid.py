@@ -29,11 +29,11 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.loss import LabelSmoothingCrossEntropy
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms as T
 
 from ..convert import unwrap
-from ..data.classification import load_unlabeled_images
+from ..data.classification import load_unlabeled_images, unlabeled_datasets
 from ..data.digits_reid import NAME as DIGITS_REID, DigitsReid, load_digits_reid
 from ..data.reid import MergedReidDataset, ReidSample, load_reid_spec
 from ..data.samplers import RandomIdentitySampler
@@ -217,17 +217,12 @@ class ReidTask:
         self.cfg = cfg
         spec = cfg.data.strip()
         self.is_digits = spec == DIGITS_REID
-        self.extra: Dataset | None = None
-        self.denoise_train: Dataset | None = None
         if self.is_digits:
             self._init_digits()
         else:
             self._init_disk(spec)
         self._check_protocol()
-        if cfg.extra_data:
-            self.extra = ConcatDataset([self._unlabeled(p) for p in cfg.extra_data])
-        if cfg.denoise_data:
-            self.denoise_train = self._unlabeled(cfg.denoise_data)
+        self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, self._unlabeled)
 
     def _init_digits(self) -> None:
         if self.cfg.image_size not in (None, 8):
@@ -373,8 +368,6 @@ class ReidTask:
 
     def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
-        if self.extra is None:
-            return None
         return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
 
     def mixup(self) -> None:

@@ -114,9 +114,11 @@ def shard_indices(num_samples: int, info: DistInfo) -> list[int]:
 
 def unlabeled_loader(dataset, global_batch: int, info: DistInfo, seed: int, epoch: int, workers: int):
     """Batches of extra unlabeled images for the label-free loss (the paper's "merged datasets"):
-    at most one global batch, a multiple of the number of processes."""
+    at most one global batch, a multiple of the number of processes. None without a dataset."""
     from torch.utils.data import DataLoader
 
+    if dataset is None:
+        return None
     batch = min(global_batch, len(dataset) // info.world_size * info.world_size)
     sampler = GlobalBatchSampler(len(dataset), batch, info, seed + 1, epoch)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
