@@ -45,6 +45,7 @@ from tqdm import tqdm
 import denoiserep as dr
 from denoiserep.config import DenoiseConfig
 from denoiserep.fuse import _eval_outputs, _relative_error
+from denoiserep.models import HeadedClassifier, feature_dim
 from denoiserep.timing import Timing, cpu_clock, cuda_clock, time_interleaved
 
 SECTIONS = ("inference", "training", "accuracy")
@@ -205,22 +206,6 @@ def convert_quietly(root: nn.Module, config: DenoiseConfig, example: torch.Tenso
 # -- DenoiseRep⁻ ---------------------------------------------------------------------------
 
 
-class DenoiseMinusClassifier(nn.Module):
-    """DenoiseRep⁻ on a timm classifier: features → pre-logits → DenoiseHead(steps) → classifier.
-
-    Shares the baseline's modules (it adds only the head), so it costs no copy of the backbone.
-    """
-
-    def __init__(self, model: nn.Module, steps: int):
-        super().__init__()
-        self.model = model
-        self.head = dr.DenoiseHead(model.get_classifier().in_features, steps=steps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-        return self.model.get_classifier()(self.head(pooled))
-
-
 class PerLocationHead(nn.Module):
     """DenoiseRep⁻ for dense models: the head denoises every RoI feature (N, C) or every
     pixel of a feature map (B, C, H, W), since there is no single feature vector per image."""
@@ -241,7 +226,8 @@ def denoise_minus_model(spec: ModelSpec, baseline: nn.Module, steps: int) -> nn.
     """Detection: the head on each RoI's box-head feature (1024-d), before the box predictor.
     Segmentation: on each pixel of the backbone's output map (2048-d), before the FCN head."""
     if spec.kind == "classification":
-        model = DenoiseMinusClassifier(baseline, steps)
+        # Shares the baseline's modules (it adds only the head): no copy of the backbone.
+        model = HeadedClassifier(baseline, dr.DenoiseHead(feature_dim(baseline), steps=steps))
     elif spec.kind == "detection":
         model = copy.deepcopy(baseline)
         box_head = model.roi_heads.box_head
