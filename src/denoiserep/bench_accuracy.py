@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .report import paired_delta
+from .report import format_delta, format_mean_std, paired_delta
 from .tasks import create_task
 from .train.config import TrainConfig
 from .train.distributed import DistInfo
@@ -109,9 +109,9 @@ def _table(data: str, cfg: TrainConfig, seeds: list[int], metrics: dict[str, lis
         "|---|---|---|---|",
     ]
     for name, values in metrics.items():
-        spread = f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-        lines.append(f"| {name} | {spread} | {_ci(values, baseline, name == 'baseline')} | "
-                     f"{_ci(values, control, name in ('baseline', 'control'))} |")
+        vs_baseline = "—" if name == "baseline" else format_delta(values, baseline)
+        vs_control = "—" if name in ("baseline", "control") else format_delta(values, control)
+        lines.append(f"| {name} | {format_mean_std(values)} | {vs_baseline} | {vs_control} |")
     lines += ["", *_findings(metrics)]
     if data == "mnist1d":
         published = ", ".join(f"{k} {v:.0f}%" for k, v in MNIST1D_PUBLISHED.items())
@@ -126,8 +126,7 @@ def _findings(metrics: dict[str, list[float]]) -> list[str]:
     """What the table shows, in words: which rows differ from the baseline / control beyond
     their 95% interval, and which leave every prediction's accuracy unchanged."""
     baseline, control = metrics["baseline"], metrics["control"]
-    mean, half = paired_delta(control, baseline)
-    lines = [f"- Control vs baseline: {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] points: what the same "
+    lines = [f"- Control vs baseline: {format_delta(control, baseline)} points: what the same "
              "extra steps give when the whole backbone trains (the share a comparison without a control would "
              "misattribute to the method)."]
     ours = {name: values for name, values in metrics.items() if name not in ("baseline", "control")}
@@ -137,15 +136,9 @@ def _findings(metrics: dict[str, list[float]]) -> list[str]:
         for name, values in ours.items():
             mean, half = paired_delta(values, reference)
             if mean - half > 0:
-                above.append(f"{name} vs {reference_name} ({mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}])")
+                above.append(f"{name} vs {reference_name} ({format_delta(values, reference)})")
     lines.append("- Significant gains (95% interval above 0): " + ("; ".join(above) if above else "none") + ".")
     if unchanged:
         lines.append(f"- Top-1 identical to the baseline on every seed: {', '.join(unchanged)}.")
     return lines
 
-
-def _ci(values: list[float], reference: list[float], skip: bool) -> str:
-    if skip:
-        return "—"
-    mean, half = paired_delta(values, reference)
-    return f"{mean:+.2f}" if half != half else f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"

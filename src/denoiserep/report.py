@@ -44,10 +44,10 @@ def format_table(rows: list[Row], metric_label: str, baseline: str = "baseline",
     header += ["params", "FLOPs", "latency (ms/batch)", "latency ratio", "fused == unfused"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.variant, _mean_std(row.metric)]
-        cells.append("—" if row is base else _delta(row.metric, base.metric))
+        cells = [row.variant, format_mean_std(row.metric)]
+        cells.append("—" if row is base else format_delta(row.metric, base.metric))
         if multi and ctrl is not None:
-            cells.append("—" if row in (base, ctrl) else _delta(row.metric, ctrl.metric))
+            cells.append("—" if row in (base, ctrl) else format_delta(row.metric, ctrl.metric))
         cells += [
             f"{row.params:,}",
             _si(row.flops),
@@ -59,13 +59,15 @@ def format_table(rows: list[Row], metric_label: str, baseline: str = "baseline",
     return "\n".join(lines)
 
 
-def _mean_std(values: list[float]) -> str:
+def format_mean_std(values: list[float]) -> str:
+    """``mean ± std`` over seeds, or the single value."""
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _delta(values: list[float], reference: list[float]) -> str:
+def format_delta(values: list[float], reference: list[float]) -> str:
+    """Paired mean difference with its 95% interval (without one for a single seed)."""
     mean, half = paired_delta(values, reference)
     return f"{mean:+.2f}" if math.isnan(half) else f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
 
