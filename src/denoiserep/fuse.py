@@ -55,7 +55,8 @@ def fuse(
     ``tolerance``.
     """
     model = unwrap(model)
-    if not any(True for _ in layer_denoisers(model)):
+    layers = _with_following_norms(model)
+    if not layers:
         raise ValueError(
             "nothing to fuse: this model has no DenoiseRep denoisers. Call denoiserep.convert(model) "
             "first, or load a converted checkpoint with denoiserep.load_converted()."
@@ -63,7 +64,7 @@ def fuse(
     reference = _eval_outputs(model, example_inputs) if example_inputs is not None else None
     report = FuseReport()
     with torch.no_grad():
-        for name, layer, denoiser, norm_name, norm in _with_following_norms(model):
+        for name, layer, denoiser, norm_name, norm in layers:
             weight = layer.parametrizations.weight.original
             # The weight exactly as the training forward computed it (float32 at least: half-
             # precision weights are fused in float32 and rounded once); the bias in float64.
