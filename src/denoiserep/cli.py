@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", type=Path, required=True, help="the run's config.yaml")
     evaluate.add_argument("--weights", type=Path, required=True, help="a .safetensors file from a run")
 
-    bench = sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md)", add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    # Listed for the usage text only: `main` hands `bench …` to denoiserep.bench's own parser.
+    sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md; denoiserep bench --help)")
     return parser
 
 
@@ -120,18 +120,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # The benchmark has its own parser; argparse's REMAINDER would swallow neither
-        # `--help` nor a leading option, so its arguments are handed over untouched.
+    command_at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
+    verbose = any(arg in ("-v", "--verbose") for arg in argv[:command_at])
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if argv[command_at:command_at + 1] == ["bench"]:
+        # The benchmark has its own parser (and --help); its arguments are handed over untouched.
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[command_at + 1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if args.command == "bench":
-        from .bench import main as bench_main
-
-        return bench_main(args.bench_args)
     from .train.engine import NonFiniteLossError
 
     try:
