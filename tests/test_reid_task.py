@@ -296,6 +296,9 @@ def test_backbone_weights_load_with_position_embedding_resampled(tmp_path):
     assert torch.equal(model.backbone.blocks[1].mlp.fc2.weight, source.backbone.blocks[1].mlp.fc2.weight)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         create_reid_model(TINY_VIT, num_classes=3, backbone_weights=str(tmp_path / "missing.pth"))
+    torch.save(create_reid_model("resnet18", num_classes=3).backbone.state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="same timm model as --model"):
+        create_reid_model(TINY_VIT, num_classes=3, backbone_weights=str(tmp_path / "resnet.pth"))
 
 
 def test_denoiserep_leaves_the_id_classifier_alone_and_fuses_exactly():

@@ -123,8 +123,13 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict_checked(model: nn.Module, state: dict, path: str | os.PathLike) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what differs and how to fix it."""
+def load_state_dict_checked(
+    model: nn.Module,
+    state: dict,
+    path: str | os.PathLike,
+    fix: str = "Build the same architecture (name and kwargs, e.g. num_classes) that the checkpoint was saved from.",
+) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what differs and says ``fix``."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -142,7 +147,6 @@ def load_state_dict_checked(model: nn.Module, state: dict, path: str | os.PathLi
         if mismatched:
             parts.append(f"shape mismatch: {mismatched[:5]}{' …' if len(mismatched) > 5 else ''}")
         raise ValueError(
-            f"checkpoint {path} does not match this model's layers ({'; '.join(parts)}). Build the same "
-            "architecture (name and kwargs, e.g. num_classes) that the checkpoint was saved from."
+            f"checkpoint {path} does not match this model's layers ({'; '.join(parts)}). {fix}"
         )
     model.load_state_dict(state, strict=True)

@@ -34,7 +34,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, to_2tuple
 from torch import nn
 
-from .checkpoint import read_state_dict
+from .checkpoint import load_state_dict_checked, read_state_dict
 from .models import create_model, feature_dim
 
 REID_MODEL_KWARGS = ("patch_stride", "last_stride", "backbone_weights", "neck_feat")
@@ -193,16 +193,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     own = backbone.state_dict()
     head_keys = [k for k in state if k not in own and k.split(".")[0] in ("head", "fc", "classifier", "last_linear")]
     state = {k: v for k, v in state.items() if k not in head_keys}
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if mismatched or missing or unexpected:
-        raise ValueError(
-            f"backbone_weights {path} do not fit {type(backbone).__name__}: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, shape mismatch {mismatched[:5]}. Use weights of the same timm model as --model."
-        )
-    backbone.load_state_dict(state, strict=True)
+    load_state_dict_checked(backbone, state, path, fix=f"backbone_weights must be weights of the same timm model "
+                                                        f"as --model ({type(backbone).__name__}).")
 
 
 def _resample_position_embedding(state: dict, vit: nn.Module, path: Path) -> None:
