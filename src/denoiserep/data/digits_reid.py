@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .embedded import standardised_digit_images
+
 NAME = "digits-reid"
 STYLES_PER_DIGIT = 8
 TEST_IDENTITY_PARITY = 1  # styles 1, 3, 5, 7 are test identities; 0, 2, 4, 6 train
@@ -109,8 +111,7 @@ def load_digits_reid() -> DigitsReid:
     relabel = {int(pid): label for label, pid in enumerate(train_identities)}
 
     def split(indices: np.ndarray, pids) -> ReidTensors:
-        images = ((pixels[indices] - mean) / std).astype(np.float32).reshape(-1, *IMAGE_SHAPE)
-        return ReidTensors(torch.from_numpy(images), torch.as_tensor(np.asarray(pids), dtype=torch.int64),
+        return ReidTensors(standardised_digit_images(pixels[indices], mean, std), torch.as_tensor(np.asarray(pids), dtype=torch.int64),
                            torch.as_tensor(cameras[indices], dtype=torch.int64))
 
     return DigitsReid(

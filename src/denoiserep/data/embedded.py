@@ -61,16 +61,16 @@ def load_digits_splits() -> TensorSplits:
     )
     mean, std = float(train_x.mean()), float(train_x.std())
     return TensorSplits(
-        train_x=_standardised_images(train_x, mean, std),
+        train_x=standardised_digit_images(train_x, mean, std),
         train_y=torch.as_tensor(train_y, dtype=torch.int64),
-        val_x=_standardised_images(val_x, mean, std),
+        val_x=standardised_digit_images(val_x, mean, std),
         val_y=torch.as_tensor(val_y, dtype=torch.int64),
         class_names=[str(name) for name in bunch.target_names],
     )
 
 
-def _standardised_images(flat: np.ndarray, mean: float, std: float) -> torch.Tensor:
-    """Turn (N, 64) pixel rows into standardised (N, 1, 8, 8) float32 images."""
+def standardised_digit_images(flat: np.ndarray, mean: float, std: float) -> torch.Tensor:
+    """Turn (N, 64) digits pixel rows into standardised (N, 1, 8, 8) float32 images."""
     images = ((flat - mean) / std).astype(np.float32).reshape(-1, 1, 8, 8)
     return torch.from_numpy(images)
 
