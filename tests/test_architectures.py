@@ -11,10 +11,10 @@ import pytest
 import timm
 import torch
 import torchvision
-from torch.utils.flop_counter import FlopCounterMode
 
 import denoiserep as dr
 from denoiserep import DenoiseConfig
+from denoiserep.timing import forward_flops
 from conftest import relative_error
 
 ARCHITECTURES = {
@@ -24,13 +24,6 @@ ARCHITECTURES = {
     "timm/swinv2_cr_tiny_ns_224": (lambda: timm.create_model("swinv2_cr_tiny_ns_224", img_size=(128, 128), window_size=4, embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 2, 2, 2), num_classes=5), 128),
     "torchvision/resnet18": (lambda: torchvision.models.resnet18(num_classes=5), 64),
 }
-
-
-def flops(model, x):
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -81,7 +74,7 @@ def test_convert_train_fuse_on_a_real_architecture(arch):
     traced = torch.jit.trace(model, x[:1], check_trace=False)
     with torch.no_grad():
         torch.testing.assert_close(traced(x[:1]), model(x[:1]), rtol=1e-4, atol=1e-5)
-    assert flops(model, x) == flops(original, x)
+    assert forward_flops(model, x) == forward_flops(original, x)
 
 
 def test_fused_model_exports_with_torch_export():

@@ -46,7 +46,7 @@ import denoiserep as dr
 from denoiserep.config import DenoiseConfig
 from denoiserep.fuse import _eval_outputs, _relative_error
 from denoiserep.models import HeadedClassifier, feature_dim
-from denoiserep.timing import Timing, cpu_clock, cuda_clock, time_interleaved
+from denoiserep.timing import Timing, cpu_clock, cuda_clock, forward_flops, time_interleaved
 
 SECTIONS = ("inference", "training", "accuracy")
 SECTION_TITLES = {"inference": "## 1. Inference cost", "training": "## 2. Training cost", "accuracy": "## 3. Accuracy"}
@@ -275,11 +275,9 @@ class InferenceResult:
 
 
 def count_flops(model: nn.Module, inputs: tuple, settings: Settings) -> int:
-    """FLOPs of one forward as torch's FlopCounterMode counts them (matmuls and convolutions)."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad(), autocast(settings):
-        model(*inputs)
-    return counter.get_total_flops()
+    """FLOPs of one forward, under the run's precision."""
+    with autocast(settings):
+        return forward_flops(model, *inputs)
 
 
 def count_params(model: nn.Module) -> int:

@@ -1,6 +1,7 @@
-"""Latency measured fairly on a shared, noisy machine: interleaved runs, medians, ratios.
+"""What a forward costs: latency measured fairly on a shared, noisy machine (interleaved
+runs, medians, per-round ratios) and FLOPs as torch's counter counts them.
 
-Used by the benchmarks (`denoiserep.bench`) and by the pipeline's latency column.
+Used by the benchmarks (`denoiserep.bench`) and by the pipeline's cost columns.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 
@@ -96,3 +98,12 @@ def time_interleaved(
     clock: Callable[[Callable[[], object]], float] = cpu_clock, desc: str = "timing",
 ) -> dict[str, Timing]:
     return summarize(interleaved_times(fns, rounds, warmup, clock, desc), baseline)
+
+
+def forward_flops(model: torch.nn.Module, *inputs) -> int:
+    """FLOPs of one ``model(*inputs)`` without gradients (``torch.utils.flop_counter``:
+    matmuls and convolutions)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(*inputs)
+    return counter.get_total_flops()

@@ -8,11 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..report import Row, format_table, plot_report, write_report
-from ..timing import time_interleaved
+from ..timing import forward_flops, time_interleaved
 from .config import TrainConfig
 from .distributed import DistInfo
 from .stages import StageResult, StageSpec, run_stage
@@ -102,20 +100,13 @@ def _rows(results, task, device: torch.device, repeats: int) -> list[Row]:
             variant=variant,
             metric=metric,
             params=sum(p.numel() for p in model.parameters()),
-            flops=_flops(model, batch),
+            flops=forward_flops(model, batch),
             latency_ms=latency[variant].median_s * 1e3,
             latency_ratio=latency[variant].ratio,
             fused_check=task.fused_check([results[s][variant] for s in results])
             if first[variant].stage == "denoise" else "",
         ))
     return rows
-
-
-def _flops(model: nn.Module, batch: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(batch)
-    return counter.get_total_flops()
 
 
 def _notes(cfg: TrainConfig, seeds: list[int], results) -> list[str]:
