@@ -53,6 +53,21 @@ def test_quick_mode_writes_the_expected_tables(tmp_path):
     assert "Fused FLOPs equal the baseline's" in text
 
 
+def test_quick_calibration_section_times_calibration_against_a_forward_and_plots_convergence(tmp_path):
+    out = tmp_path / "BENCH.md"
+    assert bench.main(["--quick", "--sections", "calibration", "--output", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "## 4. Calibration" in text
+    (cost,) = table_rows(text, "| model | images |")
+    assert float(cost["ratio"]) > 0 and float(cost["calibrate (s)"]) > 0
+    methods = {row["method"]: row for row in table_rows(text, "| method | wall time (s) |")}
+    assert set(methods) == {"label-free training from identity (the paper)", "label-free training from calibrated",
+                            "calibration only"}
+    assert float(methods["calibration only"]["L1 noise loss reached"]) < float(
+        methods["label-free training from identity (the paper)"]["L1 noise loss reached"])
+    assert (tmp_path / "calibration_vs_training.png").exists()
+
+
 def test_fused_flops_equal_the_baseline_flops():
     settings = bench.Settings()
     model = timm.create_model("resnet18", num_classes=5).eval()

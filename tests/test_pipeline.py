@@ -29,17 +29,20 @@ def result(tmp_path, variant, name="run"):
 def test_all_stages_run_and_write_a_report_with_fused_weights(tmp_path, capsys):
     assert run_cli(tmp_path, "--stage", "all") == 0
     run = tmp_path / "run"
-    variants = ["baseline", "control", "denoiserep-minus", "denoiserep-label-free", "denoiserep-label-aug"]
-    for variant in variants:
+    denoised = ["denoiserep-calibrated", "denoiserep-label-free", "denoiserep-label-aug"]
+    for variant in ["baseline", "control", "denoiserep-minus", *denoised]:
         assert (run / variant / "model.safetensors").exists()
         assert 0 <= result(tmp_path, variant)["metrics"]["top1"] <= 100
-    for variant in ("denoiserep-label-free", "denoiserep-label-aug"):
+    for variant in denoised:
         extra = result(tmp_path, variant)["extra"]
         assert extra["prediction_changes"] == 0
         assert extra["unfused_metrics"]["top1"] == result(tmp_path, variant)["metrics"]["top1"]
-    assert {"loss_curves.png", "accuracy.png", "latency.png", "report.md", "config.yaml"} <= {p.name for p in run.iterdir()}
+    assert result(tmp_path, "denoiserep-calibrated")["history"] == []  # calibrated, not trained
+    assert {"loss_curves.png", "accuracy.png", "latency.png", "denoisers.png", "report.md", "config.yaml"} <= {
+        p.name for p in run.iterdir()}
     table = capsys.readouterr().out
-    for column in ("variant", "top-1", "Δ vs baseline", "params", "FLOPs", "latency (ms/batch)", "latency ratio"):
+    for column in ("variant", "top-1", "Δ vs baseline", "noise loss (L1)", "L2 gap to optimum", "params", "FLOPs",
+                   "latency (ms/batch)", "latency ratio"):
         assert column in table
     assert TrainConfig.from_yaml(run / "config.yaml").data == "digits"
 
@@ -54,6 +57,44 @@ def test_fused_denoiserep_weights_load_into_the_original_architecture(tmp_path):
     model = load_fused(task.build_model(), tmp_path / "run" / "denoiserep" / "model.safetensors")
     metrics = task.evaluate(model, __import__("denoiserep.train.distributed", fromlist=["DistInfo"]).DistInfo(), torch.device("cpu"))
     assert metrics["top1"] == result(tmp_path, "denoiserep")["metrics"]["top1"]
+
+
+def test_a_denoise_stage_starts_at_the_calibrated_optimum_and_reports_its_noise_loss_at_each_point(tmp_path):
+    assert run_cli(tmp_path, "--stage", "baseline", "denoise", "--label-free", "--schedule", "ddpm",
+                   "--timestep-range", "1", "1000") == 0
+    noise = result(tmp_path, "denoiserep-label-free")["extra"]["noise_loss"]
+    identity, calibrated, end = noise["identity"], noise["calibrated"], noise["end"]
+    assert calibrated["l1"] < 0.6 * identity["l1"]
+    assert calibrated["l2_gap"] < 0.05 * identity["l2_gap"]  # measured on validation batches: near, not at, 0
+    assert end["l2_gap"] >= 0 and len(end["layers"]) == len(identity["layers"])
+    assert noise["calibration"]["train_l2_after"] == pytest.approx(noise["calibration"]["train_l2_optimum"], rel=1e-4)
+    first_epoch = result(tmp_path, "denoiserep-label-free")["history"][0]
+    assert first_epoch["denoise_loss"] < 0.7 * identity["l1"]  # training starts from the optimum
+
+
+def test_identity_init_is_the_papers_start_and_zero_extra_epochs_is_calibration_only(tmp_path):
+    assert run_cli(tmp_path, "--stage", "baseline", "denoise", "--label-free", "--denoise-init", "identity") == 0
+    identity_run = result(tmp_path, "denoiserep-label-free")["extra"]["noise_loss"]
+    assert "calibrated" not in identity_run
+    assert identity_run["end"]["l1"] == pytest.approx(identity_run["identity"]["l1"], rel=0.01)  # barely moves
+    assert run_cli(tmp_path, "--stage", "baseline", "denoise", "--label-free", "--extra-epochs", "0",
+                   name="calibrated") == 0
+    calibrated = result(tmp_path, "denoiserep-label-free", name="calibrated")
+    assert calibrated["history"] == []
+    assert calibrated["extra"]["noise_loss"]["end"] == calibrated["extra"]["noise_loss"]["calibrated"]
+    assert calibrated["extra"]["prediction_changes"] == 0
+
+
+def test_resuming_a_denoise_stage_keeps_its_noise_loss_history_and_does_not_calibrate_again(tmp_path):
+    assert run_cli(tmp_path, "--stage", "baseline", "denoise", "--label-free") == 0
+    stage = tmp_path / "run" / "denoiserep-label-free"
+    finished = json.loads((stage / "result.json").read_text())
+    (stage / "result.json").unlink()  # as if the run died after its last checkpoint
+    assert run_cli(tmp_path, "--stage", "denoise", "--label-free", "--resume") == 0
+    resumed = json.loads((stage / "result.json").read_text())
+    for point in ("identity", "calibrated", "calibration"):
+        assert resumed["extra"]["noise_loss"][point] == finished["extra"]["noise_loss"][point]
+    assert resumed["metrics"] == finished["metrics"]
 
 
 def test_later_stages_need_a_finished_baseline(tmp_path, capsys):
@@ -91,7 +132,8 @@ def test_alternating_schedule_and_extra_unlabeled_data(tmp_path):
 def test_the_demo_runs_end_to_end_in_a_reduced_setting(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--extra-epochs", "1", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for variant in ("baseline", "control", "denoiserep-minus", "denoiserep-label-free", "denoiserep-label-aug"):
+    for variant in ("baseline", "control", "denoiserep-minus", "denoiserep-calibrated", "denoiserep-label-free",
+                    "denoiserep-label-aug"):
         assert f"| {variant} |" in out
     assert (tmp_path / "demo" / "report.md").exists()
 
@@ -138,6 +180,10 @@ def test_ddp_with_two_gloo_processes_matches_one_process_with_the_same_global_ba
         assert multi["metrics"]["samples"] == single["metrics"]["samples"]
         assert multi["metrics"]["top1"] == pytest.approx(single["metrics"]["top1"], abs=0.2)
         assert multi["metrics"]["loss"] == pytest.approx(single["metrics"]["loss"], rel=1e-3)
+    # Calibration merges the ranks' input statistics: the same optimum as one process on all the data.
+    single, multi = (json.loads((tmp_path / run / "denoiserep-label-free" / "result.json").read_text())
+                     ["extra"]["noise_loss"]["calibration"] for run in ("single", "ddp"))
+    assert multi["train_l2_optimum"] == pytest.approx(single["train_l2_optimum"], rel=1e-3)  # as the baselines
 
 
 def test_denoiser_training_keeps_the_frozen_backbones_batchnorm_statistics():

@@ -1,11 +1,13 @@
 """DenoiseRep: denoising layers on a backbone's embedding layers, fused away after training.
 
     model = denoiserep.convert(model, DenoiseConfig(), example_inputs=batch)
+    denoiserep.calibrate(model, (x for x, _ in loader))   # denoisers at their closed-form optimum
     denoiserep.set_trainable(model)                       # only the denoisers train
     loss = (1 - lam) * task_loss + lam * denoiserep.denoise_loss(model)
     model = denoiserep.fuse(model)                        # plain model, original architecture
 """
 
+from .calibrate import CalibrationReport, NoiseLossReport, calibrate, noise_loss_report
 from .checkpoint import load_converted, load_fused, save_converted, save_fused
 from .config import DenoiseConfig
 from .convert import (
@@ -24,10 +26,13 @@ from .schedule import NoiseSchedule, make_schedule
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationReport",
     "DenoiseConfig",
     "DenoiseHead",
     "FuseReport",
+    "NoiseLossReport",
     "NoiseSchedule",
+    "calibrate",
     "convert",
     "denoise_loss",
     "denoiser_parameters",
@@ -38,6 +43,7 @@ __all__ = [
     "load_fused",
     "make_schedule",
     "noise_loss_only",
+    "noise_loss_report",
     "save_converted",
     "save_fused",
     "set_trainable",

@@ -254,7 +254,7 @@ def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: A
     try:
         model.eval()
         with torch.no_grad():
-            _call(model, example_inputs)
+            call_model(model, example_inputs)
     except Exception as error:
         raise ValueError(
             f"example_inputs failed to run the model ({type(error).__name__}: {error}). Pass what "
@@ -292,7 +292,8 @@ def _is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm) or type(module).__name__.startswith("FrozenBatchNorm")
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(x)`` for a tensor, ``model(*args)`` for a tuple or list, ``model(**kwargs)`` for a dict."""
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):

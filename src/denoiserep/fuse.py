@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
-from .convert import STATE_ATTR, _call, layer_denoisers, unwrap
+from .convert import STATE_ATTR, call_model, layer_denoisers, unwrap
 from .layers import detach
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _eval_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
     model.eval()
     try:
         with torch.no_grad():
-            leaves, _ = tree_flatten(_call(model, inputs))
+            leaves, _ = tree_flatten(call_model(model, inputs))
     finally:
         for module, training in was_training.items():
             module.training = training

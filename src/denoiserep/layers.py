@@ -158,11 +158,18 @@ class LayerDenoiser(nn.Module):
         return torch.einsum("goi,gi->go", per_group, u.to(per_group.dtype)).reshape(-1)
 
     # -- training signal ------------------------------------------------------------------
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input as rows (positions, channels): the positions the noise loss sees.
+
+        Every token of a Linear input, every (unpadded) pixel of a conv input; the noise loss
+        and `denoiserep.calibrate` both average over exactly these rows.
+        """
+        channel_axis = x.ndim - 1 - self.spatial_dims
+        return x.detach().movedim(channel_axis, -1).reshape(-1, self.channels)
+
     def noise_loss(self, x: torch.Tensor) -> torch.Tensor:
         """``|ε − D(√ᾱ x + √(1−ᾱ) ε)|`` on the layer's detached input, at this layer's t."""
-        channel_axis = x.ndim - 1 - self.spatial_dims
-        rows = x.detach().movedim(channel_axis, -1).reshape(-1, self.channels)
-        rows = rows.to(self.a.dtype)
+        rows = self.input_rows(x).to(self.a.dtype)
         if self.loss_token_fraction < 1.0:
             # The loss is an expectation over positions: a random subset estimates it unbiasedly.
             keep = max(1, int(rows.shape[0] * self.loss_token_fraction))

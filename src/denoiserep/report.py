@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import atomic_write
@@ -19,6 +19,8 @@ class Row:
     latency_ms: float
     latency_ratio: float  # median over interleaved rounds of this variant's time / the baseline's
     fused_check: str = ""  # DenoiseRep rows: whether fused and unfused predictions agree
+    noise_loss: list[float] = field(default_factory=list)  # DenoiseRep rows: L1 noise loss reached, per seed
+    noise_loss_gap: list[float] = field(default_factory=list)  # its expected L2 minus the optimum, per seed
 
 
 def paired_delta(values: list[float], reference: list[float]) -> tuple[float, float]:
@@ -41,7 +43,8 @@ def format_table(rows: list[Row], metric_label: str, baseline: str = "baseline",
     header = ["variant", metric_label, "Δ vs baseline"]
     if multi and ctrl is not None:
         header.append("Δ vs control")
-    header += ["params", "FLOPs", "latency (ms/batch)", "latency ratio", "fused == unfused"]
+    header += ["noise loss (L1)", "L2 gap to optimum", "params", "FLOPs", "latency (ms/batch)", "latency ratio",
+               "fused == unfused"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.variant, format_mean_std(row.metric)]
@@ -49,6 +52,8 @@ def format_table(rows: list[Row], metric_label: str, baseline: str = "baseline",
         if multi and ctrl is not None:
             cells.append("—" if row in (base, ctrl) else format_delta(row.metric, ctrl.metric))
         cells += [
+            f"{statistics.fmean(row.noise_loss):.4f}" if row.noise_loss else "—",
+            f"{statistics.fmean(row.noise_loss_gap):.4f}" if row.noise_loss_gap else "—",
             f"{row.params:,}",
             _si(row.flops),
             f"{row.latency_ms:.2f}",
@@ -79,8 +84,10 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
-def plot_report(run_dir: Path, histories: dict[str, list[dict]], rows: list[Row], metric_label: str) -> list[Path]:
-    """Loss curves per stage, the metric per variant, latency per variant (PNG files)."""
+def plot_report(run_dir: Path, histories: dict[str, list[dict]], rows: list[Row], metric_label: str,
+                noise_losses: dict[str, dict] | None = None) -> list[Path]:
+    """Loss curves per stage, the metric per variant, latency per variant and, for DenoiseRep
+    variants, each layer's weight change and noise loss against its optimum (PNG files)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +121,33 @@ def plot_report(run_dir: Path, histories: dict[str, list[dict]], rows: list[Row]
     ax.set(title="inference latency per variant (median, interleaved)", ylabel="ms / batch")
     ax.tick_params(axis="x", rotation=20)
     paths.append(_save(fig, run_dir / "latency.png"))
+    if noise_losses:
+        paths.append(plot_denoisers(run_dir / "denoisers.png", noise_losses))
     return paths
+
+
+def plot_denoisers(path: Path, noise_losses: dict[str, dict]) -> Path:
+    """Per layer (execution order): ‖W′ − W‖/‖W‖ after the stage, and the expected L2 noise loss at
+    identity, at the end (solid) and at the closed-form optimum of the same layer inputs (dashed)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for number, (variant, noise_loss) in enumerate(noise_losses.items()):
+        layers, color = noise_loss["end"]["layers"], f"C{number}"
+        index = range(len(layers))
+        axes[0].plot(index, [layer["weight_change"] for layer in layers], marker=".", color=color, label=variant)
+        axes[1].plot(index, [layer["l2"] for layer in layers], marker=".", color=color, label=f"{variant}")
+        axes[1].plot(index, [layer["l2_optimum"] for layer in layers], linestyle="--", color=color)
+        if number == 0:
+            axes[1].plot(index, [layer["l2"] for layer in noise_loss["identity"]["layers"]], color="grey",
+                         linestyle=":", label="identity init")
+    axes[0].set(title="fused weight change per layer", xlabel="layer (execution order)", ylabel="‖W′ − W‖ / ‖W‖")
+    axes[0].set_yscale("symlog", linthresh=1e-4)
+    axes[1].set(title="expected L2 noise loss per layer (dashed: optimum)", xlabel="layer (execution order)",
+                ylabel="L2 noise loss")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,11 @@ class ClassificationTask:
         correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], device)
         return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count,
                 "loss": loss_sum / count, "samples": count}
+
+    def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
+        """The first ``max_batches`` validation batches, inputs only (fixed: for noise-loss diagnostics)."""
+        loader = DataLoader(self.data.val, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
+        return [inputs for inputs, _ in itertools.islice(loader, max_batches)]
 
     @torch.no_grad()
     def predictions(self, model: nn.Module, device: torch.device) -> torch.Tensor:

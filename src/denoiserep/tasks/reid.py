@@ -19,6 +19,7 @@ passes only images to the model.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -412,6 +413,11 @@ class ReidTask:
         return {"mAP": 100.0 * result.mAP, "rank1": 100.0 * float(cmc[0]), "rank5": 100.0 * float(cmc[4]),
                 "rank10": 100.0 * float(cmc[9]), "num_query": self.num_query, "num_gallery": self.num_gallery,
                 "skipped_queries": result.num_skipped_queries}
+
+    def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
+        """The first ``max_batches`` query + gallery batches, images only (fixed: for noise-loss diagnostics)."""
+        loader = DataLoader(self.eval_set, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
+        return [inputs for inputs, _ in itertools.islice(loader, max_batches)]
 
     @torch.no_grad()
     def predictions(self, model: nn.Module, device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ..config import DenoiseConfig
 
 STAGES = ("baseline", "control", "denoise", "head")
 AMP_MODES = ("none", "bf16")
+DENOISE_INITS = ("calibrate", "identity")
 
 
 @dataclass
@@ -55,6 +56,11 @@ class TrainConfig:
     lam: float = 0.5  # Loss = (1 − λ)·task + λ·denoise
     label_free: bool = False  # λ = 1: no labels used at all
     alternate_every: int | None = None  # the authors' option: swap denoisers ↔ backbone every K epochs
+    # "calibrate": the denoise stage first sets every denoiser to the closed-form optimum of its
+    # noise loss (`denoiserep.calibrate`, on up to `calibrate_batches` training batches), then trains
+    # its epochs from there; "identity": the paper's start (the converted model equals the baseline).
+    denoise_init: str = "calibrate"
+    calibrate_batches: int = 100
     denoise: dict = field(default_factory=dict)  # DenoiseConfig fields
     head_steps: int = 10  # DenoiseRep⁻ reverse steps
     # run
@@ -76,7 +82,9 @@ class TrainConfig:
             )
         if self.amp not in AMP_MODES:
             raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps"):
+        if self.denoise_init not in DENOISE_INITS:
+            raise ValueError(f"--denoise-init must be one of {', '.join(DENOISE_INITS)}, got {self.denoise_init!r}")
+        for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps", "calibrate_batches"):
             if getattr(self, name) < (0 if "epochs" in name else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.alternate_every is not None and self.alternate_every < 1:

@@ -10,7 +10,9 @@ Each stage lives in its own folder under the run directory::
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import logging
 import random
@@ -26,6 +28,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
+from ..calibrate import calibrate, noise_loss_report
 from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, read_state_dict, save_fused
 from ..convert import conversion_state, convert, set_trainable, unwrap
 from ..fuse import fuse
@@ -35,6 +38,8 @@ from .distributed import DistInfo, barrier
 from .engine import EpochSettings, NonFiniteLossError, train_one_epoch
 
 logger = logging.getLogger(__name__)
+
+NOISE_LOSS_BATCHES = 4  # validation batches every noise-loss report of a denoise stage is measured on
 
 
 @dataclass
@@ -53,11 +58,17 @@ class StageResult:
 
 @dataclass
 class StageSpec:
-    """What to run: ``stage`` is the recipe, ``variant`` the folder/row name (e.g. denoise-label-free)."""
+    """What to run: ``stage`` is the recipe, ``variant`` the folder/row name (e.g. denoise-label-free).
+
+    ``epochs`` and ``denoise_init`` override the run's ``extra_epochs`` / ``denoise_init`` for this
+    variant (e.g. the demo's calibrated-only row: ``epochs=0, denoise_init="calibrate"``).
+    """
 
     stage: str
     variant: str
     lam: float = 0.0
+    epochs: int | None = None
+    denoise_init: str | None = None
 
 
 def run_stage(spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: torch.device,
@@ -88,6 +99,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def preserved_rng_state():
+    """Run a block without advancing Python's, NumPy's or torch's (CPU and CUDA) random state."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+
+
 class _StageRunner:
     def __init__(self, spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: torch.device, stage_dir: Path):
         self.spec, self.cfg, self.task, self.info, self.device = spec, cfg, task, info, device
@@ -96,6 +117,11 @@ class _StageRunner:
         self.autocast_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
         self.is_baseline = spec.stage == "baseline"
         self.epochs = cfg.epochs if self.is_baseline else cfg.extra_epochs
+        if spec.epochs is not None:
+            self.epochs = spec.epochs
+        self.denoise_init = spec.denoise_init or cfg.denoise_init
+        # Noise loss of the denoisers (see `_initialise_denoisers`), kept in the checkpoint for --resume.
+        self.noise_loss: dict = {}
         self.lr = cfg.lr if self.is_baseline else cfg.extra_lr  # control: same budget as DenoiseRep
         self._tensorboard = None  # SummaryWriter, or False when tensorboard is not installed
 
@@ -146,6 +172,9 @@ class _StageRunner:
     def run(self, resume: bool) -> StageResult:
         cfg, info = self.cfg, self.info
         model = self.build()
+        resuming = resume and self.checkpoint_path.exists()
+        if self.spec.stage == "denoise" and not resuming:
+            self._initialise_denoisers(model)  # before the EMA copy and the optimizer see the parameters
         weight_decay = cfg.weight_decay if self.spec.stage in ("baseline", "control") else 0.0
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=weight_decay)
         steps_per_epoch = len(self.task.train_loader(info, cfg.seed, 0, for_denoisers=self.spec.stage == "denoise"))
@@ -158,7 +187,7 @@ class _StageRunner:
             )
         ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
         start_epoch, num_updates, history = 0, 0, []
-        if resume and self.checkpoint_path.exists():
+        if resuming:
             start_epoch, num_updates, history = self._load_checkpoint(model, optimizer, scheduler, ema)
             logger.info("%s: resuming after epoch %d", self.spec.variant, start_epoch - 1)
         train_model = self._wrap_ddp(model)
@@ -206,10 +235,44 @@ class _StageRunner:
         final = ema.module if ema is not None else model
         return self._finish(final, history)
 
+    # -- the denoisers' own objective ----------------------------------------------------------
+    @functools.cached_property
+    def _diagnostic_batches(self) -> list[torch.Tensor]:
+        """Fixed validation inputs on which every noise-loss report of the stage is measured
+        (nothing is tuned on them: they only show the objective and its optimum, label-free)."""
+        return self.task.validation_inputs(NOISE_LOSS_BATCHES)
+
+    def _noise_loss(self, model: nn.Module) -> dict:
+        return noise_loss_report(model, self._diagnostic_batches).to_dict()
+
+    def _initialise_denoisers(self, model: nn.Module) -> None:
+        """Measure the identity-initialised denoisers; with ``denoise_init="calibrate"`` set them to
+        the closed-form optimum of their noise loss on up to ``calibrate_batches`` training batches."""
+        self.noise_loss["identity"] = self._noise_loss(model)
+        if self.denoise_init == "calibrate":
+            loader = self.task.train_loader(self.info, self.cfg.seed, 0, for_denoisers=True)
+            # The loader's augmentations draw random numbers: keep training's random stream as it
+            # would be without calibration, so calibrated and identity runs see the same batches.
+            with preserved_rng_state():
+                report = calibrate(model, (batch[0] for batch in loader), max_batches=self.cfg.calibrate_batches,
+                                   progress=self.info.is_main)
+            self.noise_loss["calibrated"] = self._noise_loss(model)
+            self.noise_loss["calibration"] = {
+                "batches": report.after.batches, "seconds": report.seconds,
+                "train_l2_before": report.before.l2, "train_l2_after": report.after.l2,
+                "train_l2_optimum": report.after.l2_optimum,
+            }
+        if self.info.is_main:
+            tqdm.write(f"{self.spec.variant}: {noise_loss_line(self.noise_loss)}", file=sys.stderr)
+
     def _finish(self, model: nn.Module, history: list[dict]) -> StageResult:
         info, task = self.info, self.task
         extra: dict = {}
         if self.spec.stage == "denoise":
+            self.noise_loss["end"] = self._noise_loss(model)
+            extra["noise_loss"] = self.noise_loss
+            if info.is_main:
+                tqdm.write(f"{self.spec.variant}: {noise_loss_line(self.noise_loss)}", file=sys.stderr)
             unfused_metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
             unfused_outputs = task.predictions(model, self.device) if info.is_main else None
             example = task.example_inputs(self.device)
@@ -277,6 +340,7 @@ class _StageRunner:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
+            "noise_loss": self.noise_loss,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -295,6 +359,7 @@ class _StageRunner:
             scheduler.load_state_dict(payload["scheduler"])
         if ema is not None and payload["ema"] is not None:
             ema.load_state_dict(payload["ema"])
+        self.noise_loss = payload.get("noise_loss") or {}
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])
@@ -302,6 +367,15 @@ class _StageRunner:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         return payload["epoch"] + 1, payload["num_updates"], payload["history"]
+
+
+def noise_loss_line(noise_loss: dict) -> str:
+    """One log line: the L1 noise loss at each point so far, and the exact L2 gap to the optimum."""
+    points = [(name, noise_loss[name]) for name in ("identity", "calibrated", "end") if name in noise_loss]
+    last = points[-1][1]
+    journey = " → ".join(f"{name} {report['l1']:.4f}" for name, report in points)
+    return (f"noise loss (L1, sum over {len(last['layers'])} layers, {last['batches']} validation batches): {journey}; "
+            f"expected L2 {last['l2']:.4f} vs optimum {last['l2_optimum']:.4f} (gap {last['l2_gap']:.4f})")
 
 
 def load_init_weights(model: nn.Module, path: str) -> None:
