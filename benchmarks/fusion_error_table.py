@@ -1,20 +1,17 @@
-"""Max relative error of fused layers vs the independent reference of tests/test_exactness.py.
+"""Max relative error of fused layers vs the step-by-step float64 reference
+(`denoiserep.layers.reference_forward`: pad, denoise every position, run the original layer; the
+exactness tests check it against their own independent reference).
 
 Run: python benchmarks/fusion_error_table.py   (prints a markdown table, one row per layer type)
 """
+import copy
 import logging
-import sys
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import denoiserep as dr
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the exactness tests own the reference
-from conftest import relative_error  # noqa: E402
-from test_exactness import convert_single, denoise_channels, reference_conv  # noqa: E402
+from denoiserep.layers import reference_forward
 
 logging.disable(logging.WARNING)  # fuse() reports the biases it adds to bias-free layers: expected here
 torch.manual_seed(0)
@@ -36,20 +33,18 @@ print("| layer | max relative error (fused vs reference, 20 seeds × {authors, d
 for name, make in cases.items():
     worst = 0.0
     for seed in range(20):
-        for sched, rng in (("linear", None), ("ddpm", (1, 1000))):
+        for schedule, timestep_range in (("linear", None), ("ddpm", (1, 1000))):
             torch.manual_seed(seed)
             layer = make()
-            orig, holder = convert_single(layer, schedule=sched, timestep_range=rng, init_seed=seed)
-            d = next(dr.layer_denoisers(holder))[2]
-            if isinstance(layer, nn.Linear):
-                x = torch.randn(4, 5, layer.in_features)
-                exp = F.linear(denoise_channels(x.double(), d, -1), orig.weight.double(), None if orig.bias is None else orig.bias.double())
-            else:
-                nd = len(layer.kernel_size)
-                x = torch.randn(2, layer.in_channels, *([9] * nd))
-                exp = reference_conv(orig, x, d)
+            model = nn.Sequential(copy.deepcopy(layer))
+            config = dr.DenoiseConfig(layer_types=(type(layer),), init="random", schedule=schedule,
+                                      timestep_range=timestep_range, init_seed=seed)
+            nd = 0 if isinstance(layer, nn.Linear) else len(layer.kernel_size)
+            x = torch.randn(4, 5, layer.in_features) if nd == 0 else torch.randn(2, layer.in_channels, *([9] * nd))
+            dr.convert(model, config, example_inputs=x)
             with torch.no_grad():
-                dr.fuse(holder.eval())
-                out = holder(x)
-            worst = max(worst, relative_error(out.double(), exp))
+                expected = reference_forward(model[0], x)
+                dr.fuse(model.eval())
+                out = model(x).double()
+            worst = max(worst, float((out - expected).abs().max() / expected.abs().max()))
     print(f"| {name} | {worst:.2e} |")

@@ -9,6 +9,8 @@ import torch
 
 import denoiserep as dr
 from denoiserep import DenoiseConfig, bench
+from denoiserep.bench import accuracy, inference, models, tables, training
+from denoiserep.bench.settings import Settings
 from denoiserep.timing import time_interleaved
 
 
@@ -39,17 +41,17 @@ def test_quick_mode_writes_the_expected_tables(tmp_path):
     assert "python -m denoiserep.bench --quick --sections inference training --output" in text
     assert "## 3. Accuracy\n\nNot run" in text
 
-    inference = {row["variant"]: row for row in table_rows(text, "| model | variant | params | GFLOPs")}
-    matched = len(list(bench.QUICK_VIT.build(bench.Settings()).blocks)) * 4 + 1  # patch embed + 4 per block
+    variants = {row["variant"]: row for row in table_rows(text, "| model | variant | params | GFLOPs")}
+    matched = len(list(models.QUICK_VIT.build(Settings()).blocks)) * 4 + 1  # patch embed + 4 per block
     for variant in ("baseline", "converted (unfused)", "fused", f"DenoiseRep⁻ T={matched} (matched)", "DenoiseRep⁻ T=1"):
-        assert variant in inference
-    assert inference["fused"]["GFLOPs"] == inference["baseline"]["GFLOPs"]
-    assert float(inference["converted (unfused)"]["GFLOPs"]) > float(inference["baseline"]["GFLOPs"])
-    assert float(inference["baseline"]["ratio to baseline"]) == 1.0
+        assert variant in variants
+    assert variants["fused"]["GFLOPs"] == variants["baseline"]["GFLOPs"]
+    assert float(variants["converted (unfused)"]["GFLOPs"]) > float(variants["baseline"]["GFLOPs"])
+    assert float(variants["baseline"]["ratio to baseline"]) == 1.0
 
-    training = table_rows(text, "| model | phase |")
-    assert [row["phase"] for row in training] == [v.label for v in bench.TRAIN_VARIANTS]
-    assert all(int(row["peak memory (MiB)"]) > 0 for row in training), "peak memory must be measured"
+    phases = table_rows(text, "| model | phase |")
+    assert [row["phase"] for row in phases] == [v.label for v in training.TRAIN_VARIANTS]
+    assert all(int(row["peak memory (MiB)"]) > 0 for row in phases), "peak memory must be measured"
     assert "Fused FLOPs equal the baseline's" in text
 
 
@@ -69,15 +71,15 @@ def test_quick_calibration_section_times_calibration_against_a_forward_and_plots
 
 
 def test_fused_flops_equal_the_baseline_flops():
-    settings = bench.Settings()
+    settings = Settings()
     model = timm.create_model("resnet18", num_classes=5).eval()
     x = torch.randn(1, 3, 32, 32)
-    baseline = bench.count_flops(model, (x,), settings)
+    baseline = inference.count_flops(model, (x,), settings)
     converted = copy.deepcopy(model)
     dr.convert(converted, DenoiseConfig(init="random"), example_inputs=x)
-    unfused = bench.count_flops(converted.eval(), (x,), settings)
+    unfused = inference.count_flops(converted.eval(), (x,), settings)
     dr.fuse(converted)
-    assert bench.count_flops(converted, (x,), settings) == baseline < unfused
+    assert inference.count_flops(converted, (x,), settings) == baseline < unfused
 
 
 def test_interleaved_timer_returns_medians_and_per_round_ratios():
@@ -102,17 +104,15 @@ def test_interleaved_timer_returns_medians_and_per_round_ratios():
 
 
 def test_a_target_is_met_or_missed_only_where_the_interval_says_so():
-    assert bench.verdict((0.99, 1.01), 0.98, 1.02) == "met"
-    assert "missed" in bench.verdict((1.03, 1.10), 0.98, 1.02)
-    assert "not resolved" in bench.verdict((0.97, 1.01), 0.98, 1.02)
+    assert tables.verdict((0.99, 1.01), 0.98, 1.02) == "met"
+    assert "missed" in tables.verdict((1.03, 1.10), 0.98, 1.02)
+    assert "not resolved" in tables.verdict((0.97, 1.01), 0.98, 1.02)
 
 
 def test_accuracy_section_is_the_accuracy_study_under_its_setup_text(monkeypatch):
-    import denoiserep.bench_accuracy
-
-    monkeypatch.setattr(denoiserep.bench_accuracy, "run_accuracy", lambda quick: f"| accuracy table, quick={quick} |\n")
-    text = bench.run(bench.Settings(quick=True), sections=("accuracy",))
-    assert "## 3. Accuracy\n\n" + bench.ACCURACY_SETUP in text
+    monkeypatch.setattr(accuracy, "run_accuracy", lambda quick: f"| accuracy table, quick={quick} |\n")
+    text = bench.run(Settings(quick=True), sections=("accuracy",))
+    assert "## 3. Accuracy\n\n" + accuracy.SETUP in text
     assert "| accuracy table, quick=True |" in text and "## 1. Inference cost\n\nNot run" in text
 
 
@@ -123,7 +123,7 @@ def test_sections_not_run_are_kept_from_the_previous_file(tmp_path):
         "## 3. Accuracy (5 seeds)\n\n### digits\n\nold accuracy\n\n## GPU\n\nold gpu\n", encoding="utf-8")
     kept = bench.existing_sections(previous)
     assert set(kept) == {"training", "accuracy"}
-    text = bench.run(bench.Settings(quick=True), sections=(), kept=kept)
+    text = bench.run(Settings(quick=True), sections=(), kept=kept)
     assert "## 2. Training cost\n\nold training\n" in text
     assert "## 3. Accuracy (5 seeds)\n\n### digits\n\nold accuracy\n" in text
     assert "## 1. Inference cost\n\nNot run" in text and "old machine" not in text and "old gpu" not in text

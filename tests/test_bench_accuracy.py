@@ -1,7 +1,7 @@
 """The accuracy study: seeds, both timestep settings, calibrated and identity-initialised DenoiseRep,
 paired intervals against the control, and the noise loss each row reached next to its optimum."""
 
-from denoiserep.bench_accuracy import run_accuracy
+from denoiserep.bench.accuracy import run_accuracy
 
 
 def test_quick_accuracy_study_reports_every_variant_with_paired_intervals(tmp_path):

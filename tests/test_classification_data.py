@@ -1,4 +1,4 @@
-"""Specification of denoiserep.data.classification: what each dataset spec yields, and
+"""Specification of denoiserep.tasks.classification.data: what each dataset spec yields, and
 how every misuse is reported. All fixtures are built in tmp_path; nothing is downloaded."""
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ from PIL import Image
 from torchvision.transforms import PILToTensor
 
 from denoiserep.data import embedded
-from denoiserep.data.classification import (
-    ClassificationData,
-    load_classification_data,
-    load_unlabeled_images,
-)
+from denoiserep.data.images import load_unlabeled_images
+from denoiserep.tasks.classification.data import ClassificationData, load_classification_data
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -1,7 +1,9 @@
 """Fused layer == unfused denoised reference (relative error ≤ 1e-5 in float32).
 
 The reference is written independently of the library: pad the input as the layer would,
-apply the denoiser pointwise ("pad, then denoise"), then run the original layer unpadded.
+apply the denoiser pointwise ("pad, then denoise"), then run the original layer unpadded. The
+library's own step-by-step reference (`denoiserep.layers.reference_forward`, which the benchmarks
+use) must agree with it.
 """
 
 import copy
@@ -15,6 +17,7 @@ from torch import nn
 
 import denoiserep as dr
 from denoiserep import DenoiseConfig
+from denoiserep.layers import reference_forward
 from conftest import relative_error
 
 TOLERANCE = 1e-5
@@ -75,6 +78,7 @@ def test_linear_fusion_is_exact(in_features, out_features, bias, leading, form, 
     with torch.no_grad():
         expected = F.linear(denoise_channels(x.double(), denoiser, -1), original.weight.double(),
                             None if original.bias is None else original.bias.double())
+        assert relative_error(reference_forward(holder[0], x), expected) <= 1e-7  # the package's own (float64) reference
         holder.eval()
         unfused = holder(x)
         dr.fuse(holder)
@@ -118,6 +122,7 @@ def test_conv_fusion_is_exact_for_every_stride_dilation_group_and_padding_mode(c
     x = torch.randn(2, layer.in_channels, *size)
     with torch.no_grad():
         expected = reference_conv(original, x, denoiser)
+        assert relative_error(reference_forward(holder[0], x), expected) <= 1e-7  # the package's own (float64) reference
         holder.eval()
         unfused = holder(x)
         dr.fuse(holder)

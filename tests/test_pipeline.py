@@ -190,6 +190,7 @@ def test_denoiser_training_keeps_the_frozen_backbones_batchnorm_statistics():
     from torch import nn
 
     import denoiserep as dr
+    from denoiserep.tasks.base import TaskBase
     from denoiserep.train.engine import EpochSettings, train_one_epoch
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
@@ -199,5 +200,11 @@ def test_denoiser_training_keeps_the_frozen_backbones_batchnorm_statistics():
     stats = model[1].running_mean.clone()
     optimizer = torch.optim.SGD(dr.denoiser_parameters(model), lr=0.1)
     settings = EpochSettings(lam=0.5, device=torch.device("cpu"), freeze_norm_statistics=True, show_progress=False)
-    train_one_epoch(model, [(x, y)] * 3, optimizer, nn.CrossEntropyLoss(), settings, epoch=0, num_updates=0)
+
+    class CrossEntropy(TaskBase):  # the training half of the Task interface
+        def training_loss(self, model, batch):
+            inputs, targets = batch
+            return nn.functional.cross_entropy(model(inputs), targets), {}
+
+    train_one_epoch(model, [(x, y)] * 3, optimizer, CrossEntropy(None), settings, epoch=0, num_updates=0)
     assert torch.equal(model[1].running_mean, stats)

@@ -10,7 +10,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from denoiserep.data.reid import (
+from denoiserep.tasks.reid.data import (
     ReidImageDataset,
     ReidSample,
     load_reid_dataset,

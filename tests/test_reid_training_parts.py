@@ -10,8 +10,8 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy
 from torch.utils.data import DataLoader
 
-from denoiserep.data.samplers import RandomIdentitySampler
-from denoiserep.tasks.reid_losses import TripletLoss
+from denoiserep.tasks.reid.sampling import RandomIdentitySampler
+from denoiserep.tasks.reid.losses import TripletLoss
 
 # 12 identities with 1..9 images each, interleaved as in a real file listing.
 PIDS = [pid for pid in range(12) for _ in range(1 + pid % 9)]

@@ -27,10 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
-from .convert import call_model, layer_denoisers, unwrap
+from .convert import call_model, layer_denoisers, to_device, unwrap
 from .layers import LayerDenoiser
 
 
@@ -346,7 +345,7 @@ def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None,
             for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None if progress else True):
                 if max_batches is not None and count >= max_batches:
                     break
-                batch = tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, batch)
+                batch = to_device(batch, device)
                 try:
                     call_model(model, batch)
                 except _NonFiniteInput as error:

@@ -11,11 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
+from .tasks import TASKS, task_class
 from .train.config import TrainConfig
 
 # Flags of `train`/`demo` that map one-to-one onto TrainConfig fields.
 _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
-    ("--task", "task", {"choices": ["classification", "reid"]}),
+    ("--task", "task", {"help": "a task registered in denoiserep.tasks.TASKS"}),
     ("--data", "data", {"help": "digits | mnist1d | imagefolder:PATH | cifar10:PATH | cifar100:PATH | PATH"}),
     ("--extra-data", "extra_data", {"nargs": "+", "help": "unlabeled image folders for the label-free loss"}),
     ("--denoise-data", "denoise_data", {"help": "train the denoisers on this unlabeled image folder (label-free)"}),
@@ -62,12 +63,6 @@ _DENOISE_FLAGS: list[tuple[str, str, dict]] = [
     ("--exclude-modules", "exclude_modules", {"nargs": "+"}),
 ]
 
-DEMO_DEFAULTS = {
-    "classification": {"data": "digits", "epochs": 30, "extra_epochs": 10, "name": "demo"},
-    "reid": {"task": "reid", "data": "digits-reid", "epochs": 40, "extra_epochs": 10, "label_smoothing": 0.1,
-             "name": "demo-reid"},
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denoiserep", description=__doc__.splitlines()[0])
@@ -84,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue unfinished stages, reuse finished ones")
 
     demo = sub.add_parser("demo", help="the whole pipeline on embedded data, no download (≤ 5 min on 2 cores)")
-    demo.add_argument("--task", choices=list(DEMO_DEFAULTS), default="classification")
+    demo.add_argument("--task", choices=list(TASKS), default="classification")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0])
     demo.add_argument("--epochs", type=int)
     demo.add_argument("--extra-epochs", type=int)
@@ -107,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for flag, dest, kwargs in _CONFIG_FLAGS + _DENOISE_FLAGS:
+        if dest == "task":
+            kwargs = {**kwargs, "choices": list(TASKS)}  # the registry as it is when the parser is built
         parser.add_argument(flag, dest=dest, default=None, **kwargs)
 
 
@@ -147,15 +144,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    values = dict(DEMO_DEFAULTS[args.task])
-    values["output"] = args.output
+    task = task_class(args.task)
+    values = {"task": args.task, **task.demo_defaults, "output": args.output}
     for key in ("epochs", "extra_epochs", "name"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     cfg = TrainConfig.from_dict(values)
-    if args.task == "reid":
-        print("Note: this is a smoke demo of the ReID pipeline on handwritten digits (identity = digit × "
-              "handwriting style), not a ReID benchmark.\n")
+    if task.demo_note:
+        print(task.demo_note)
     return _run(cfg, ["all"], args.seeds, args.resume)
 
 

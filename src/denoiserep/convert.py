@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_map
 
 from .config import DenoiseConfig
 from .layers import LayerDenoiser, attach, denoiser_of
@@ -290,6 +291,11 @@ def _is_batch_norm(module: nn.Module) -> bool:
     """BatchNorm with running statistics, including the frozen kind torchvision's detectors and
     timm use (``FrozenBatchNorm2d``: not a ``_BatchNorm``, same eval-mode formula)."""
     return isinstance(module, _BatchNorm) or type(module).__name__.startswith("FrozenBatchNorm")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a batch (nested in tuples, lists or dicts) on ``device``."""
+    return tree_map(lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v, batch)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

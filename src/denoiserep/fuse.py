@@ -61,7 +61,7 @@ def fuse(
             "nothing to fuse: this model has no DenoiseRep denoisers. Call denoiserep.convert(model) "
             "first, or load a converted checkpoint with denoiserep.load_converted()."
         )
-    reference = _eval_outputs(model, example_inputs) if example_inputs is not None else None
+    reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
     report = FuseReport()
     with torch.no_grad():
         for name, layer, denoiser, norm_name, norm in layers:
@@ -96,7 +96,7 @@ def fuse(
             ", ".join(report.added_biases),
         )
     if reference is not None:
-        report.max_relative_error = _relative_error(reference, _eval_outputs(model, example_inputs))
+        report.max_relative_error = max_relative_error(reference, eval_outputs(model, example_inputs))
         if report.max_relative_error > tolerance:
             raise RuntimeError(
                 f"fused outputs differ from the unfused model by a relative error of "
@@ -156,7 +156,9 @@ def _with_following_norms(model: nn.Module) -> list[tuple]:
     return found
 
 
-def _eval_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+def eval_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """Every floating-point tensor ``model(inputs)`` returns (nested outputs flattened), in eval mode
+    without gradients, as float32 copies; the model's train/eval flags are restored."""
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -168,7 +170,8 @@ def _eval_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
     return [t.detach().float().clone() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+def max_relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    """The worst ``max |actual − reference| / max |reference|`` over matching tensors."""
     if len(reference) != len(actual):
         raise RuntimeError("the fused model returns a different number of tensors than the unfused one")
     worst = 0.0

@@ -21,6 +21,7 @@ becomes a pure bias shift of ``Σ_{i,k} W[o, i, k] · u_i``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import torch
@@ -211,6 +212,27 @@ def noise_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, loss_ty
     if loss_type == "l1+l2":
         return F.l1_loss(predicted, target) + F.mse_loss(predicted, target)
     raise ValueError(f"unknown loss {loss_type!r}; choose 'l1', 'l2' or 'l1+l2'")
+
+
+def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A converted layer computed step by step in float64, without any fused weight: pad the input
+    as the layer would, take the reverse step ``c3 x − c1 D(x) + σ z`` at every position ("pad, then
+    denoise"), then run the original layer unpadded. Slow; it is what `fuse` must equal (the
+    benchmarks' fusion-error table measures against it)."""
+    denoiser = denoiser_of(layer)
+    if denoiser is None:
+        raise ValueError(f"{type(layer).__name__} has no DenoiseRep denoiser; convert the model first")
+    exact = copy.deepcopy(denoiser).double()
+    weight = layer.parametrizations.weight.original.double()
+    bias = None if layer.bias is None else layer.bias.double()
+    if isinstance(layer, nn.Linear):
+        return F.linear(exact.denoise(x.double().reshape(-1, exact.channels)).reshape(x.shape), weight, bias)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    padded = F.pad(x.double(), layer._reversed_padding_repeated_twice, mode=mode)
+    channels_last = padded.movedim(1, -1)
+    denoised = exact.denoise(channels_last.reshape(-1, exact.channels)).reshape(channels_last.shape).movedim(-1, 1)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[exact.spatial_dims]
+    return conv(denoised, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
 
 
 def denoiser_of(layer: nn.Module) -> LayerDenoiser | None:

@@ -1,4 +1,6 @@
-"""Backbones by name (timm's registry), the embedded defaults, and the DenoiseRep⁻ wrapper."""
+"""Backbones by name (timm's registry, no downloads), the embedded datasets' default models
+(incl. the MNIST-1D paper's CNN), and the width of a backbone's pooled feature: shared by the tasks
+and the benchmarks."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from .head import DenoiseHead
 
 # The embedded datasets' default models. digits: a small ViT for 8×8 inputs (2×2 patches,
 # 16 tokens); mnist1d: the 1-D CNN of the MNIST-1D paper (which reports 94% for a CNN).
@@ -83,27 +84,6 @@ def default_model_for(data_name: str) -> tuple[str, dict]:
         )
     name, kwargs = DEFAULT_MODELS[data_name]
     return name, dict(kwargs)
-
-
-class HeadedClassifier(nn.Module):
-    """DenoiseRep⁻: ``classifier(head(pre_logits(backbone(x))))`` for a timm-style classifier.
-
-    The backbone keeps its own classifier; the head denoises the pooled feature first.
-    """
-
-    def __init__(self, backbone: nn.Module, head: DenoiseHead):
-        super().__init__()
-        for method in ("forward_features", "forward_head", "get_classifier"):
-            if not callable(getattr(backbone, method, None)):
-                raise ValueError(
-                    f"DenoiseRep⁻ needs a timm-style classifier with {method}(); {type(backbone).__name__} lacks it"
-                )
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-        return self.backbone.get_classifier()(self.head(features))
 
 
 def feature_dim(model: nn.Module) -> int:

@@ -1,7 +1,7 @@
 """The two small datasets that need no files from the user: scikit-learn digits and MNIST-1D.
 
 Both are returned as in-memory tensors (:class:`TensorSplits`); wrapping them into
-datasets is left to :mod:`denoiserep.data.classification`, so this module knows
+datasets is left to :mod:`denoiserep.tasks.classification.data`, so this module knows
 nothing about transforms or the ``ClassificationData`` container.
 
 Neither loader touches the network: digits ships inside scikit-learn, and MNIST-1D is

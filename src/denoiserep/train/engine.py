@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from ..convert import denoise_loss, noise_loss_only
+from ..convert import denoise_loss, noise_loss_only, to_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,21 +37,22 @@ def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
-    task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    task,
     settings: EpochSettings,
     *,
     epoch: int,
     num_updates: int,
     scheduler=None,
     ema=None,
-    mixup=None,
     extra_loader: Iterable | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader``; returns mean losses, throughput and the new update count.
 
-    With ``extra_loader`` (unlabeled images), every step also runs the model on one extra
-    batch and adds that batch's noise loss to the denoise term: the label-free loss on
-    merged datasets. The task loss is skipped entirely when λ = 1 (label-free).
+    ``task`` (a `denoiserep.tasks.base.Task`) computes the task loss from a batch
+    (`Task.training_loss`) and runs the forwards that only feed the noise losses
+    (`Task.noise_forward`). With ``extra_loader`` (unlabeled images), every step also runs the
+    model on one extra batch and adds that batch's noise loss to the denoise term: the label-free
+    loss on merged datasets. The task loss is skipped entirely when λ = 1 (label-free).
     """
     model.train()
     if settings.freeze_norm_statistics:
@@ -61,33 +61,34 @@ def train_one_epoch(
                 module.eval()
     lam, device = settings.lam, settings.device
     extra_batches = itertools.cycle(extra_loader) if extra_loader is not None else None
-    sums = {"loss": 0.0, "task_loss": 0.0, "denoise_loss": 0.0}
+    sums: dict[str, float] = {"loss": 0.0, "task_loss": 0.0, "denoise_loss": 0.0}
     steps = samples = 0
     start = time.perf_counter()
     # Step bars only on a terminal (disable=None); logs get one line per epoch from the stage.
     bar = tqdm(loader, desc=f"{settings.stage} epoch {epoch}", leave=False,
                disable=None if settings.show_progress else True)
-    for inputs, targets in bar:
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        if mixup is not None and lam < 1.0:
-            inputs, targets = mixup(inputs, targets)
+    for batch in bar:
+        batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=settings.autocast_dtype, enabled=settings.autocast_dtype is not None):
-            # Label-free (λ = 1): the outputs are not needed, so nothing is back-propagated
-            # through the backbone; the noise losses and their gradients are unchanged.
-            with noise_loss_only(model) if lam == 1.0 else contextlib.nullcontext():
-                outputs = model(inputs)
-            task = task_loss(outputs, targets) if lam < 1.0 else outputs.new_zeros(()).float()
+            if lam == 1.0:
+                # Label-free: nothing is back-propagated through the backbone; the noise losses
+                # and their gradients are unchanged.
+                with noise_loss_only(model):
+                    task.noise_forward(model, batch[0])
+                task_loss, parts = torch.zeros((), device=device), {}
+            else:
+                task_loss, parts = task.training_loss(model, batch)
             denoise = denoise_loss(model)
             if extra_batches is not None:
-                extra_inputs, _ = next(extra_batches)
+                extra_inputs, _ = to_device(next(extra_batches), device)
                 with noise_loss_only(model):  # extra data feeds only the noise loss
-                    model(extra_inputs.to(device, non_blocking=True))
+                    task.noise_forward(model, extra_inputs)
                 denoise = denoise + denoise_loss(model)
-            loss = (1.0 - lam) * task + lam * denoise if lam > 0 else task
+            loss = (1.0 - lam) * task_loss + lam * denoise if lam > 0 else task_loss
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"the loss became {loss.item()} in stage '{settings.stage}' at epoch {epoch}, step {steps} "
-                f"(task {task.item():.4g}, denoise {denoise.item():.4g})"
+                f"(task {task_loss.item():.4g}, denoise {denoise.item():.4g})"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,12 +103,14 @@ def train_one_epoch(
         if ema is not None:
             ema.update(model, step=num_updates)
         steps += 1
-        samples += len(inputs)
-        for key, value in (("loss", loss), ("task_loss", task), ("denoise_loss", denoise)):
-            sums[key] += value.item()
+        samples += len(batch[0])
+        for key, value in (("loss", loss.item()), ("task_loss", task_loss.item()), ("denoise_loss", denoise.item()),
+                           *parts.items()):
+            sums[key] = sums.get(key, 0.0) + float(value)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     elapsed = time.perf_counter() - start
     means = {k: v / max(steps, 1) for k, v in sums.items()}
     means["samples_per_s"] = samples / elapsed if elapsed > 0 else 0.0
     means["lr"] = optimizer.param_groups[0]["lr"]
     return means, num_updates
+

@@ -136,7 +136,8 @@ class _StageRunner:
         model.to(self.device)
         stage = self.spec.stage
         if stage == "denoise":
-            convert(model, self.cfg.denoise_config(), example_inputs=self.task.example_inputs(self.device))
+            convert(self.task.conversion_root(model), self.cfg.denoise_config(),
+                    example_inputs=self.task.conversion_inputs(model, self.device))
             # With the alternating option both roles train (in turns); start all trainable so the
             # optimizer holds every parameter, then `_set_phase` toggles requires_grad per epoch.
             set_trainable(model, denoisers=True, backbone=self.cfg.alternate_every is not None)
@@ -197,16 +198,14 @@ class _StageRunner:
             # A frozen backbone includes its BatchNorm statistics (see EpochSettings).
             freeze_norm_statistics=self.spec.stage in ("denoise", "head") and not cfg.alternate_every,
         )
-        mixup = self.task.mixup()
-        task_loss = self.task.loss_fn(mixup_active=mixup is not None and self.spec.lam < 1.0)
         for epoch in range(start_epoch, self.epochs):
             phase = self._set_phase(model, epoch)
             loader = self.task.train_loader(info, cfg.seed, epoch, for_denoisers=self.spec.stage == "denoise")
             extra = self.task.extra_loader(info, cfg.seed, epoch) if self.spec.lam > 0 else None
             try:
                 train_stats, num_updates = train_one_epoch(
-                    train_model, loader, optimizer, task_loss, settings, epoch=epoch, num_updates=num_updates,
-                    scheduler=scheduler, ema=ema, mixup=mixup, extra_loader=extra,
+                    train_model, loader, optimizer, self.task, settings, epoch=epoch, num_updates=num_updates,
+                    scheduler=scheduler, ema=ema, extra_loader=extra,
                 )
             except NonFiniteLossError as error:
                 kept = self.checkpoint_path if self.checkpoint_path.exists() else "none (no epoch finished)"
@@ -237,13 +236,14 @@ class _StageRunner:
 
     # -- the denoisers' own objective ----------------------------------------------------------
     @functools.cached_property
-    def _diagnostic_batches(self) -> list[torch.Tensor]:
+    def _diagnostic_batches(self) -> list[tuple]:  # read under `preserved_rng_state` (see `_noise_loss`)
         """Fixed validation inputs on which every noise-loss report of the stage is measured
         (nothing is tuned on them: they only show the objective and its optimum, label-free)."""
-        return self.task.validation_inputs(NOISE_LOSS_BATCHES)
+        return [(inputs,) for inputs in self.task.validation_inputs(NOISE_LOSS_BATCHES)]
 
     def _noise_loss(self, model: nn.Module) -> dict:
-        return noise_loss_report(model, self._diagnostic_batches).to_dict()
+        with preserved_rng_state():  # a diagnostic: it must not change what training samples
+            return noise_loss_report(model, self._diagnostic_batches).to_dict()
 
     def _initialise_denoisers(self, model: nn.Module) -> None:
         """Measure the identity-initialised denoisers; with ``denoise_init="calibrate"`` set them to
@@ -254,8 +254,8 @@ class _StageRunner:
             # The loader's augmentations draw random numbers: keep training's random stream as it
             # would be without calibration, so calibrated and identity runs see the same batches.
             with preserved_rng_state():
-                report = calibrate(model, (batch[0] for batch in loader), max_batches=self.cfg.calibrate_batches,
-                                   progress=self.info.is_main)
+                report = calibrate(model, ((inputs,) for inputs, _ in loader),
+                                   max_batches=self.cfg.calibrate_batches, progress=self.info.is_main)
             self.noise_loss["calibrated"] = self._noise_loss(model)
             self.noise_loss["calibration"] = {
                 "batches": report.after.batches, "seconds": report.seconds,
@@ -275,7 +275,7 @@ class _StageRunner:
                 tqdm.write(f"{self.spec.variant}: {noise_loss_line(self.noise_loss)}", file=sys.stderr)
             unfused_metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
             unfused_outputs = task.predictions(model, self.device) if info.is_main else None
-            example = task.example_inputs(self.device)
+            example = (task.example_inputs(self.device),)
             model, report = fuse(model, example_inputs=example, return_report=True)
             metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
             extra["unfused_metrics"] = unfused_metrics

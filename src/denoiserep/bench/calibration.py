@@ -24,13 +24,13 @@ from torch.utils.data import DataLoader
 
 import denoiserep as dr
 
-from .tasks import create_task
-from .timing import cpu_clock, time_interleaved
-from .train.config import TrainConfig
-from .train.distributed import DistInfo
-from .train.engine import EpochSettings, train_one_epoch
-from .train.pipeline import run_pipeline
-from .train.stages import StageSpec
+from ..tasks import create_task
+from ..timing import cpu_clock, time_interleaved
+from ..train.config import TrainConfig
+from ..train.distributed import DistInfo
+from ..train.engine import EpochSettings, train_one_epoch
+from ..train.pipeline import run_pipeline
+from ..train.stages import StageSpec
 
 COST_MODELS = ("vit_small_patch16_224", "resnet50")
 TARGET_COST_RATIO = 3.0
@@ -124,8 +124,8 @@ def convergence(output: Path, epochs: int, quick: bool) -> tuple[list[Curve], fl
         curve = Curve(label, [offset], [l1(model)])
         for epoch in range(epochs):
             start = time.perf_counter()
-            train_one_epoch(model, task.train_loader(info, cfg.seed, epoch, for_denoisers=True), optimizer,
-                            task.loss_fn(False), settings, epoch=epoch, num_updates=0)
+            train_one_epoch(model, task.train_loader(info, cfg.seed, epoch, for_denoisers=True), optimizer, task,
+                            settings, epoch=epoch, num_updates=0)
             curve.seconds.append(curve.seconds[-1] + time.perf_counter() - start)
             curve.l1.append(l1(model))
         return curve

@@ -1,7 +1,7 @@
 """Person re-identification: PK batches, ID + triplet loss, query/gallery mAP and CMC.
 
-``--data`` is ``digits-reid`` (embedded, see `denoiserep.data.digits_reid`) or a dataset spec
-of `denoiserep.data.reid.load_reid_spec`: ``market1501:PATH``, ``dukemtmc:PATH``,
+``--data`` is ``digits-reid`` (embedded, see `denoiserep.tasks.reid.digits`) or a dataset spec
+of `denoiserep.tasks.reid.data.load_reid_spec`: ``market1501:PATH``, ``dukemtmc:PATH``,
 ``msmt17:PATH``, ``cuhk03_labeled:PATH``, or several joined by commas, whose training sets are
 merged (identities and cameras kept disjoint). Evaluation always uses the FIRST dataset's
 query/gallery.
@@ -28,29 +28,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.loss import LabelSmoothingCrossEntropy
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
-from ..convert import unwrap
-from ..data.classification import load_unlabeled_images, unlabeled_datasets
-from ..data.digits_reid import NAME as DIGITS_REID, DigitsReid, load_digits_reid
-from ..data.reid import MergedReidDataset, ReidSample, load_reid_spec
-from ..data.samplers import RandomIdentitySampler
-from ..head import DenoiseHead
-from ..metrics.reid import evaluate_features
-from ..models import default_model_for
-from ..models_reid import ReidModel, ReidTrainOutput, create_reid_model
-from ..train.config import TrainConfig
-from ..train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
-from .reid_losses import TripletLoss
+from ...convert import unwrap
+from ...data.images import load_unlabeled_images, unlabeled_datasets
+from ...head import DenoiseHead
+from ...metrics.reid import evaluate_features
+from ...models import default_model_for
+from ...train.config import TrainConfig
+from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
+from ..base import TaskBase
+from .data import MergedReidDataset, ReidSample, load_reid_spec
+from .digits import NAME as DIGITS_REID, DigitsReid, load_digits_reid
+from .losses import ReidLoss
+from .models import ReidModel, create_reid_model
+from .sampling import PKBatchSampler
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INPUT_SIZE = (256, 128)  # (H, W): the standard person-crop size
 NUM_INSTANCES = 4  # K images per identity in a batch (BoT / TransReID)
-TRIPLET_MARGIN = 0.3
 MAX_RANK = 10
 FUSED_RELATIVE_TOLERANCE = 1e-5  # the fusion contract: fused == unfused to float32 rounding
 
@@ -99,89 +98,6 @@ def reid_transforms(size: tuple[int, int], mean, std) -> tuple[T.Compose, T.Comp
     return train, T.Compose([resize, T.ToTensor(), normalize])
 
 
-class PKBatchSampler(Sampler[list[int]]):
-    """P identities × K images per GLOBAL batch, each global batch cut into equal contiguous
-    slices, one per rank (rank r takes the r-th slice), like `GlobalBatchSampler`.
-
-    The global batches are `RandomIdentitySampler`'s (deterministic in ``seed`` and ``epoch``),
-    so every world size sees the same batches as a single process.
-    """
-
-    def __init__(self, pids, global_batch: int, num_instances: int, info: DistInfo, seed: int, epoch: int):
-        if global_batch % info.world_size:
-            raise ValueError(
-                f"the global batch size {global_batch} must be divisible by the number of processes "
-                f"({info.world_size}); change --batch-size or --nproc_per_node"
-            )
-        if global_batch % num_instances or global_batch // num_instances < 2:
-            raise ValueError(
-                f"--batch-size {global_batch} must be a multiple of K = {num_instances} images per identity, "
-                f"with at least 2 identities per batch for the triplet loss (e.g. {16 * num_instances} = "
-                f"16 identities × {num_instances})"
-            )
-        sampler = RandomIdentitySampler(pids, global_batch, num_instances, seed=seed)
-        sampler.set_epoch(epoch)
-        self.batches = sampler.rank_batches()
-        self.local = global_batch // info.world_size
-        self.start = info.rank * self.local
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self):
-        for batch in self.batches:
-            yield batch[self.start:self.start + self.local]
-
-
-# ----------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------
-
-
-class ReidLoss(nn.Module):
-    """``id_weight · CE_ls(logits, pids) + triplet_weight · batch-hard triplet(features, pids)``.
-
-    Under an initialised process group the triplet loss is computed on the features and
-    identities of the whole global batch (all-gathered; the other ranks' features are
-    constants) and its gradient scaled by the world size, so that DDP's gradient average
-    equals the single-process gradient exactly.
-    """
-
-    def __init__(self, label_smoothing: float = 0.0, margin: float | None = TRIPLET_MARGIN,
-                 id_weight: float = 1.0, triplet_weight: float = 1.0):
-        super().__init__()
-        self.id_loss = LabelSmoothingCrossEntropy(label_smoothing) if label_smoothing > 0 else nn.CrossEntropyLoss()
-        self.triplet = TripletLoss(margin=margin)
-        self.id_weight, self.triplet_weight = id_weight, triplet_weight
-
-    def forward(self, outputs: ReidTrainOutput, pids: torch.Tensor) -> torch.Tensor:
-        if not isinstance(outputs, ReidTrainOutput):
-            raise TypeError(
-                f"the ReID loss needs the model's train-mode output (logits, features), got {type(outputs).__name__}; "
-                "call the ReidModel in train mode"
-            )
-        id_loss = self.id_loss(outputs.logits.float(), pids)
-        features = outputs.features.float()
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world == 1:
-            return self.id_weight * id_loss + self.triplet_weight * self.triplet(features, pids)
-        all_features, all_pids = _gather_global_batch(features, pids)
-        triplet = self.triplet(all_features, all_pids)
-        triplet = triplet + (world - 1) * (triplet - triplet.detach())  # same value, local gradient × world
-        return self.id_weight * id_loss + self.triplet_weight * triplet
-
-
-def _gather_global_batch(features: torch.Tensor, pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's (equal-size) batch slice in rank order; only this rank's part keeps its graph."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    feature_list = [torch.empty_like(features) for _ in range(world)]
-    pid_list = [torch.empty_like(pids) for _ in range(world)]
-    dist.all_gather(feature_list, features.detach().contiguous())
-    dist.all_gather(pid_list, pids.contiguous())
-    feature_list[rank] = features
-    return torch.cat(feature_list), torch.cat(pid_list)
-
-
 def _gather_rows(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
     """Reassemble rows sharded by `shard_indices` (rank r holds rows r, r + W, …) on every rank."""
     if info.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
@@ -207,15 +123,19 @@ def _ids(samples) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------
 
 
-class ReidTask:
-    """What the generic stages need from a task; see `denoiserep.train.stages`."""
+class ReidTask(TaskBase):
+    """Person re-identification; see `denoiserep.tasks.base.Task` for the interface."""
 
     name = "reid"
     primary_metric = "mAP"
     metric_label = "mAP"
+    demo_defaults = {"task": "reid", "data": DIGITS_REID, "epochs": 40, "extra_epochs": 10, "label_smoothing": 0.1,
+                     "name": "demo-reid"}
+    demo_note = ("Note: this is a smoke demo of the ReID pipeline on handwritten digits (identity = digit × "
+                 "handwriting style), not a ReID benchmark.\n")
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         spec = cfg.data.strip()
         self.is_digits = spec == DIGITS_REID
         if self.is_digits:
@@ -223,6 +143,7 @@ class ReidTask:
         else:
             self._init_disk(spec)
         self._check_protocol()
+        self.loss = ReidLoss(label_smoothing=cfg.label_smoothing)
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, self._unlabeled)
 
     def _init_digits(self) -> None:
@@ -371,11 +292,11 @@ class ReidTask:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
         return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
 
-    def mixup(self) -> None:
-        return None  # mixing identities would break the triplet loss's positives
-
-    def loss_fn(self, mixup_active: bool) -> nn.Module:
-        return ReidLoss(label_smoothing=self.cfg.label_smoothing)
+    def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """ID cross-entropy + batch-hard triplet on the train-mode output (no mixup: mixing
+        identities would break the triplet loss's positives)."""
+        inputs, pids = batch
+        return self.loss(model(inputs), pids), {}
 
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -34,25 +34,18 @@ import torch
 from timm.layers import resample_abs_pos_embed, to_2tuple
 from torch import nn
 
-from .checkpoint import load_state_dict_checked, read_state_dict
-from .models import create_model, feature_dim
+from ...checkpoint import load_state_dict_checked, read_state_dict
+from ...models import create_model, feature_dim
 
 REID_MODEL_KWARGS = ("patch_stride", "last_stride", "backbone_weights", "neck_feat")
 NECK_FEATS = ("before", "after")
 
 
 class ReidTrainOutput(NamedTuple):
-    """What a ``ReidModel`` returns in train mode: everything the ReID loss needs.
-
-    ``new_zeros`` lets the generic training loop (``outputs.new_zeros(())`` when the task
-    loss is skipped, i.e. label-free DenoiseRep) treat it like a tensor.
-    """
+    """What a ``ReidModel`` returns in train mode: everything the ReID loss needs."""
 
     logits: torch.Tensor
     features: torch.Tensor
-
-    def new_zeros(self, *args, **kwargs) -> torch.Tensor:
-        return self.logits.new_zeros(*args, **kwargs)
 
 
 class ReidModel(nn.Module):

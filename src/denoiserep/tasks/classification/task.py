@@ -12,31 +12,32 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..data.classification import (
-    ClassificationData,
-    load_classification_data,
-    load_unlabeled_images,
-    unlabeled_datasets,
-)
-from ..head import DenoiseHead
-from ..models import HeadedClassifier, create_model, default_model_for, feature_dim
-from ..train.config import TrainConfig
-from ..train.distributed import DistInfo, GlobalBatchSampler, all_reduce_sum, shard_indices, unlabeled_loader
+from ...data.images import load_unlabeled_images, unlabeled_datasets
+from ...head import DenoiseHead
+from ...models import create_model, default_model_for, feature_dim
+from ...train.config import TrainConfig
+from ...train.distributed import DistInfo, GlobalBatchSampler, all_reduce_sum, shard_indices, unlabeled_loader
+from ..base import TaskBase
+from .data import ClassificationData, load_classification_data
+from .models import HeadedClassifier
 
 
-class ClassificationTask:
-    """What the generic stages need from a task; see `denoiserep.train.stages`."""
+class ClassificationTask(TaskBase):
+    """Image (and 1-D signal) classification; see `denoiserep.tasks.base.Task` for the interface."""
 
     name = "classification"
     primary_metric = "top1"
     metric_label = "top-1"
+    demo_defaults = {"data": "digits", "epochs": 30, "extra_epochs": 10, "name": "demo"}
 
     def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.data: ClassificationData = load_classification_data(cfg.data, image_size=cfg.image_size)
         load = functools.partial(load_unlabeled_images, image_size=self.data.input_shape[-1],
                                  in_chans=self.data.input_shape[0])
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, load)
+        self.mixup = self._mixup()
+        self.loss = self._loss()
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -55,10 +56,12 @@ class ClassificationTask:
             kwargs.setdefault("in_chans", self.data.input_shape[0])
         return create_model(name, **kwargs)
 
-    def feature_dim(self, model: nn.Module) -> int:
+    @staticmethod
+    def feature_dim(model: nn.Module) -> int:
         return feature_dim(model)
 
-    def wrap_with_head(self, model: nn.Module, head: DenoiseHead) -> nn.Module:
+    @staticmethod
+    def wrap_with_head(model: nn.Module, head: DenoiseHead) -> nn.Module:
         """DenoiseRep⁻: denoise the pooled feature before the classifier."""
         return HeadedClassifier(model, head)
 
@@ -76,14 +79,21 @@ class ClassificationTask:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
         return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
 
-    def mixup(self) -> Mixup | None:
+    def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy (label smoothing / mixup / cutmix as configured)."""
+        inputs, targets = batch
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, targets)
+        return self.loss(model(inputs), targets), {}
+
+    def _mixup(self) -> Mixup | None:
         if self.cfg.mixup <= 0 and self.cfg.cutmix <= 0:
             return None
         return Mixup(mixup_alpha=self.cfg.mixup, cutmix_alpha=self.cfg.cutmix,
                      label_smoothing=self.cfg.label_smoothing, num_classes=self.data.num_classes)
 
-    def loss_fn(self, mixup_active: bool) -> nn.Module:
-        if mixup_active:
+    def _loss(self) -> nn.Module:
+        if self.mixup is not None:
             return SoftTargetCrossEntropy()
         if self.cfg.label_smoothing > 0:
             return LabelSmoothingCrossEntropy(self.cfg.label_smoothing)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .embedded import standardised_digit_images
+from ...data.embedded import standardised_digit_images
 
 NAME = "digits-reid"
 STYLES_PER_DIGIT = 8

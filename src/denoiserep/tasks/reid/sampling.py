@@ -1,4 +1,4 @@
-"""P x K identity sampler for metric-learning losses (batch-hard triplet)."""
+"""P x K identity sampling for metric-learning losses (batch-hard triplet), per rank under DDP."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
+
+from ...train.distributed import DistInfo
 
 
 class RandomIdentitySampler(Sampler[int]):
@@ -99,3 +101,37 @@ class RandomIdentitySampler(Sampler[int]):
         shuffled = rng.permutation(indices)
         num_groups = len(shuffled) // self.num_instances
         return [shuffled[g * self.num_instances : (g + 1) * self.num_instances].tolist() for g in range(num_groups)]
+
+
+class PKBatchSampler(Sampler[list[int]]):
+    """P identities × K images per GLOBAL batch, each global batch cut into equal contiguous
+    slices, one per rank (rank r takes the r-th slice), like `GlobalBatchSampler`.
+
+    The global batches are `RandomIdentitySampler`'s (deterministic in ``seed`` and ``epoch``),
+    so every world size sees the same batches as a single process.
+    """
+
+    def __init__(self, pids, global_batch: int, num_instances: int, info: DistInfo, seed: int, epoch: int):
+        if global_batch % info.world_size:
+            raise ValueError(
+                f"the global batch size {global_batch} must be divisible by the number of processes "
+                f"({info.world_size}); change --batch-size or --nproc_per_node"
+            )
+        if global_batch % num_instances or global_batch // num_instances < 2:
+            raise ValueError(
+                f"--batch-size {global_batch} must be a multiple of K = {num_instances} images per identity, "
+                f"with at least 2 identities per batch for the triplet loss (e.g. {16 * num_instances} = "
+                f"16 identities × {num_instances})"
+            )
+        sampler = RandomIdentitySampler(pids, global_batch, num_instances, seed=seed)
+        sampler.set_epoch(epoch)
+        self.batches = sampler.rank_batches()
+        self.local = global_batch // info.world_size
+        self.start = info.rank * self.local
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[self.start:self.start + self.local]

@@ -1,4 +1,4 @@
-"""Classification datasets behind one string ``spec``, plus a label-free image folder loader.
+"""Classification datasets behind one string ``spec``.
 
 ``load_classification_data(spec)`` understands:
 
@@ -20,18 +20,17 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from denoiserep.data.embedded import TensorSplits, load_digits_splits, load_mnist1d_splits
-
-Transform = Callable[[Any], torch.Tensor]
+from ...data.embedded import TensorSplits, load_digits_splits, load_mnist1d_splits
+from ...data.images import Transform, default_image_transform, existing_directory, list_entries
 
 ACCEPTED_SPECS = (
     "accepted dataset specs: 'digits'; 'mnist1d'; "
@@ -42,8 +41,6 @@ ACCEPTED_SPECS = (
 DEFAULT_IMAGEFOLDER_SIZE = 224
 DEFAULT_CIFAR_SIZE = 32
 DIGITS_SIZE = 8
-UNLABELED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_MAX_LISTED_ENTRIES = 20
 
 
 @dataclass
@@ -130,22 +127,6 @@ class CifarDataset(Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-class UnlabeledImageDataset(Dataset):
-    """Image files without labels; items are ``(tensor, -1)`` so they collate like labelled ones."""
-
-    def __init__(self, paths: list[Path], mode: str, transform: Transform):
-        self.paths = paths
-        self.mode = mode
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert(self.mode)), -1
-
-
 def load_classification_data(
     spec: str,
     *,
@@ -173,7 +154,7 @@ def load_classification_data(
     if separator and prefix in ("imagefolder", *CIFAR_LAYOUTS):
         if not rest.strip():
             raise ValueError(f"dataset spec '{spec}' has an empty path; write it as '{prefix}:/path/to/data'")
-        root = _existing_directory(rest, prefix)
+        root = existing_directory(rest, prefix)
         if prefix == "imagefolder":
             return _load_imagefolder(root, image_size, train_transform, eval_transform)
         layout = CIFAR_LAYOUTS[prefix]
@@ -184,46 +165,13 @@ def load_classification_data(
 
     path = Path(spec).expanduser()
     if path.exists():
-        root = _existing_directory(spec, "dataset")
+        root = existing_directory(spec, "dataset")
         return _load_autodetected(root, image_size, train_transform, eval_transform)
     if os.sep in spec or spec.startswith(("~", ".")):
         raise FileNotFoundError(f"dataset path '{spec}' does not exist; check the path ({ACCEPTED_SPECS})")
     raise ValueError(
         f"unknown dataset spec '{spec}': it is not a named dataset nor an existing path; {ACCEPTED_SPECS}"
     )
-
-
-def load_unlabeled_images(path: str, *, image_size: int, in_chans: int) -> Dataset:
-    """Every image under ``path`` (recursive; jpg/jpeg/png/bmp/webp), for label-free losses.
-
-    Images are converted to ``in_chans`` channels (1 = grayscale, 3 = RGB) and go
-    through the same timm eval pipeline as labelled data (resize, centre crop to
-    ``image_size``, normalise), so merged datasets reach the backbone on one scale.
-    Files are sorted so that the dataset order is reproducible.
-    """
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
-    root = _existing_directory(path, "unlabeled images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in UNLABELED_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(
-            f"no images found under '{root}' (searched recursively for {', '.join(UNLABELED_EXTENSIONS)}); "
-            f"it holds: {_list_entries(root)}. Point the path at a folder tree containing such images."
-        )
-    mode = "L" if in_chans == 1 else "RGB"
-    transform = _default_image_transform(image_size, is_training=False, in_chans=in_chans)
-    return UnlabeledImageDataset(files, mode, transform)
-
-
-def unlabeled_datasets(
-    extra_paths: list[str], denoise_path: str | None, load: Callable[[str], Dataset]
-) -> tuple[Dataset | None, Dataset | None]:
-    """A run's unlabeled images, each folder read by the task's ``load``: the ``--extra-data``
-    folders merged into one set (the label-free loss on merged datasets) and the
-    ``--denoise-data`` folder (the denoisers' training set); None where not given."""
-    extra = ConcatDataset([load(path) for path in extra_paths]) if extra_paths else None
-    denoise = load(denoise_path) if denoise_path else None
-    return extra, denoise
 
 
 def _from_tensor_splits(
@@ -259,20 +207,6 @@ def _check_fixed_size(name: str, image_size: int | None, allowed: int | None) ->
     )
 
 
-def _existing_directory(raw_path: str, what: str) -> Path:
-    """The expanded path, or an error saying it is missing or not a folder."""
-    path = Path(raw_path.strip()).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{what} path '{path}' does not exist; check the path or download the data there"
-        )
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{what} path '{path}' is a file, expected a folder; pass the dataset's folder"
-        )
-    return path
-
-
 def _load_autodetected(
     root: Path, image_size: int | None, train_transform: Transform | None, eval_transform: Transform | None
 ) -> ClassificationData:
@@ -287,7 +221,7 @@ def _load_autodetected(
     raise ValueError(
         f"could not recognise the dataset layout of '{root}': expected a CIFAR folder "
         f"('{CIFAR_LAYOUTS['cifar10'].folder}' or '{CIFAR_LAYOUTS['cifar100'].folder}', or their parent) "
-        f"or an ImageFolder root with 'train/' and 'val/'; found: {_list_entries(root)}. {ACCEPTED_SPECS}"
+        f"or an ImageFolder root with 'train/' and 'val/'; found: {list_entries(root)}. {ACCEPTED_SPECS}"
     )
 
 
@@ -315,7 +249,7 @@ def _check_imagefolder_layout(root: Path) -> list[str]:
             raise FileNotFoundError(
                 f"'{root}' is not an ImageFolder root: expected '{split}/' next to "
                 f"{'val/' if split == 'train' else 'train/'} (layout PATH/train/<class>/*.jpg, "
-                f"PATH/val/<class>/*.jpg); found: {_list_entries(root)}"
+                f"PATH/val/<class>/*.jpg); found: {list_entries(root)}"
             )
     train_classes = _class_folders(root / "train")
     val_classes = _class_folders(root / "val")
@@ -343,7 +277,7 @@ def _class_folders(split_dir: Path) -> list[str]:
     if not classes:
         raise FileNotFoundError(
             f"no class folders in '{split_dir}': expected one sub-folder per class holding its images "
-            f"(e.g. {split_dir}/<class>/img.jpg); found: {_list_entries(split_dir)}"
+            f"(e.g. {split_dir}/<class>/img.jpg); found: {list_entries(split_dir)}"
         )
     return classes
 
@@ -369,7 +303,7 @@ def _cifar_layout_mismatch(root: Path, layout: CifarLayout) -> str:
     message = (
         f"'{root}' is not a {layout.name} folder: expected the files {list(layout.required_files)} "
         f"in it or in its '{layout.folder}/' sub-folder (as extracted from the official python archive); "
-        f"found: {_list_entries(root)}"
+        f"found: {list_entries(root)}"
     )
     subfolder = root / layout.folder
     if subfolder.is_dir():
@@ -448,30 +382,6 @@ def _image_transforms(
 ) -> tuple[Transform, Transform]:
     """The caller's transforms where given, timm's defaults at ``image_size`` otherwise."""
     return (
-        train_transform or _default_image_transform(image_size, is_training=True),
-        eval_transform or _default_image_transform(image_size, is_training=False),
+        train_transform or default_image_transform(image_size, is_training=True),
+        eval_transform or default_image_transform(image_size, is_training=False),
     )
-
-
-def _default_image_transform(image_size: int, is_training: bool, in_chans: int = 3) -> Transform:
-    """timm's standard pipeline (random-resized-crop/flip/jitter for training; resize +
-    centre crop for eval) with ImageNet normalisation, which pretrained timm backbones
-    expect. For one channel the ImageNet mean/std are averaged over RGB."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-
-    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    if in_chans == 1:
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return create_transform(
-        input_size=(in_chans, image_size, image_size), is_training=is_training, mean=mean, std=std
-    )
-
-
-def _list_entries(folder: Path) -> str:
-    """A short, sorted listing of ``folder`` for error messages (folders end with '/')."""
-    entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
-    if not entries:
-        return "nothing (the folder is empty)"
-    shown = entries[:_MAX_LISTED_ENTRIES]
-    more = len(entries) - len(shown)
-    return ", ".join(shown) + (f", ... ({more} more)" if more else "")

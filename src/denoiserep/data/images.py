@@ -1,0 +1,103 @@
+"""Image folders shared by every task: path checks with helpful errors, timm's default
+transforms, and unlabeled images for the label-free loss (``--extra-data`` / ``--denoise-data``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+Transform = Callable[[Any], torch.Tensor]
+
+UNLABELED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_MAX_LISTED_ENTRIES = 20
+
+
+class UnlabeledImageDataset(Dataset):
+    """Image files without labels; items are ``(tensor, -1)`` so they collate like labelled ones."""
+
+    def __init__(self, paths: list[Path], mode: str, transform: Transform):
+        self.paths = paths
+        self.mode = mode
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert(self.mode)), -1
+
+
+def load_unlabeled_images(path: str, *, image_size: int, in_chans: int) -> Dataset:
+    """Every image under ``path`` (recursive; jpg/jpeg/png/bmp/webp), for label-free losses.
+
+    Images are converted to ``in_chans`` channels (1 = grayscale, 3 = RGB) and go
+    through the same timm eval pipeline as labelled data (resize, centre crop to
+    ``image_size``, normalise), so merged datasets reach the backbone on one scale.
+    Files are sorted so that the dataset order is reproducible.
+    """
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+    root = existing_directory(path, "unlabeled images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in UNLABELED_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(
+            f"no images found under '{root}' (searched recursively for {', '.join(UNLABELED_EXTENSIONS)}); "
+            f"it holds: {list_entries(root)}. Point the path at a folder tree containing such images."
+        )
+    mode = "L" if in_chans == 1 else "RGB"
+    transform = default_image_transform(image_size, is_training=False, in_chans=in_chans)
+    return UnlabeledImageDataset(files, mode, transform)
+
+
+def unlabeled_datasets(
+    extra_paths: list[str], denoise_path: str | None, load: Callable[[str], Dataset]
+) -> tuple[Dataset | None, Dataset | None]:
+    """A run's unlabeled images, each folder read by the task's ``load``: the ``--extra-data``
+    folders merged into one set (the label-free loss on merged datasets) and the
+    ``--denoise-data`` folder (the denoisers' training set); None where not given."""
+    extra = ConcatDataset([load(path) for path in extra_paths]) if extra_paths else None
+    denoise = load(denoise_path) if denoise_path else None
+    return extra, denoise
+
+
+def existing_directory(raw_path: str, what: str) -> Path:
+    """The expanded path, or an error saying it is missing or not a folder."""
+    path = Path(raw_path.strip()).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{what} path '{path}' does not exist; check the path or download the data there"
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{what} path '{path}' is a file, expected a folder; pass the dataset's folder"
+        )
+    return path
+
+
+def default_image_transform(image_size: int, is_training: bool, in_chans: int = 3) -> Transform:
+    """timm's standard pipeline (random-resized-crop/flip/jitter for training; resize +
+    centre crop for eval) with ImageNet normalisation, which pretrained timm backbones
+    expect. For one channel the ImageNet mean/std are averaged over RGB."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    if in_chans == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    return create_transform(
+        input_size=(in_chans, image_size, image_size), is_training=is_training, mean=mean, std=std
+    )
+
+
+def list_entries(folder: Path) -> str:
+    """A short, sorted listing of ``folder`` for error messages (folders end with '/')."""
+    entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
+    if not entries:
+        return "nothing (the folder is empty)"
+    shown = entries[:_MAX_LISTED_ENTRIES]
+    more = len(entries) - len(shown)
+    return ", ".join(shown) + (f", ... ({more} more)" if more else "")

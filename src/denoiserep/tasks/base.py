@@ -1,0 +1,121 @@
+"""The task interface: everything the training pipeline asks of a kind of problem.
+
+A task (classification, person re-identification, …) owns its data, its models, its loss and its
+metrics. The pipeline (`denoiserep.train`: stages, engine, report) talks to a task only through
+`Task`; the method itself (`convert`, `calibrate`, `fuse`) never imports a task. To add one, write
+a class that satisfies `Task` (subclass `TaskBase` for the defaults), put it in
+``tasks/<name>/``, and add one line to ``tasks/__init__.py``'s registry; `docs/architecture.md`
+walks through the classification task as the example.
+
+Conventions:
+
+- **Model inputs** (``inputs``): what the model is called with, as one argument: ``model(inputs)``
+  (a batched tensor for classification and ReID; a list of images for a torchvision detector).
+- **Training batches**: ``(inputs, targets)`` pairs from `Task.train_loader`; ``len(inputs)`` is the
+  number of samples. Unlabeled batches (`Task.extra_loader`, ``--denoise-data``) carry ignored
+  targets, so they are pairs too.
+- **Distributed**: loaders shard by ``DistInfo``; `Task.evaluate` returns metrics already reduced
+  over ranks; `Task.predictions` runs on one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..convert import call_model
+from ..head import DenoiseHead
+from ..train.config import TrainConfig
+from ..train.distributed import DistInfo
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What `denoiserep.train` needs from a task."""
+
+    name: ClassVar[str]  # the --task value
+    primary_metric: ClassVar[str]  # the key of `evaluate`'s result that the tables report
+    metric_label: ClassVar[str]  # that metric's column title
+    demo_defaults: ClassVar[dict]  # TrainConfig fields of `denoiserep demo --task NAME` (embedded data)
+    demo_note: ClassVar[str]  # printed before the demo runs ("" for none)
+    cfg: TrainConfig
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        """Resolve ``cfg.data`` (read files, check layouts) and fail here, before anything is written."""
+
+    # -- models ----------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        """A fresh model for ``cfg.model`` / ``cfg.model_kwargs`` (random or user-given weights)."""
+
+    def example_inputs(self, device: torch.device, batch: int = 2) -> Any:
+        """Real model inputs (from the validation split): for latency, FLOPs and fused == unfused."""
+
+    def conversion_root(self, model: nn.Module) -> nn.Module:
+        """The module whose embedding layers DenoiseRep converts (the whole model, or its backbone)."""
+
+    def conversion_inputs(self, model: nn.Module, device: torch.device) -> tuple:
+        """Positional arguments of ``conversion_root(model)`` for the tracing forward of `convert`."""
+
+    def feature_dim(self, model: nn.Module) -> int:
+        """Width of the feature the DenoiseRep⁻ head denoises."""
+
+    def wrap_with_head(self, model: nn.Module, head: DenoiseHead) -> nn.Module:
+        """The model with a DenoiseRep⁻ head in its slot (after the backbone's feature)."""
+
+    # -- data ------------------------------------------------------------------------------
+    def train_loader(self, info: DistInfo, seed: int, epoch: int, for_denoisers: bool = False) -> Iterable:
+        """Training batches of this rank for ``epoch`` (deterministic in ``seed`` and ``epoch``). With
+        ``for_denoisers`` the denoise stage's data (``--denoise-data`` when given, else the training set)."""
+
+    def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> Iterable | None:
+        """Unlabeled batches for the label-free loss on merged datasets (``--extra-data``), or None."""
+
+    def validation_inputs(self, max_batches: int) -> list:
+        """The first ``max_batches`` validation batches, inputs only, always the same."""
+
+    # -- training --------------------------------------------------------------------------
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward ``batch`` (on the device, in train mode) and return the task loss and its named
+        parts (for the log; may be empty). Label-aug DenoiseRep adds the noise loss to it."""
+
+    def noise_forward(self, model: nn.Module, inputs: Any) -> None:
+        """A forward that only feeds the denoisers' noise losses (label-free steps, extra data): no
+        targets, its output unused."""
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, info: DistInfo, device: torch.device,
+                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+        """Validation metrics, reduced over ranks; ``primary_metric`` among them."""
+
+    def predictions(self, model: nn.Module, device: torch.device) -> Any:
+        """Outputs on the whole validation set (one process), to compare fused and unfused models."""
+
+    def compare_outputs(self, unfused: Any, fused: Any) -> dict:
+        """How two `predictions` differ (stored in the denoise stage's result)."""
+
+    def fused_check(self, results: list) -> str:
+        """The report's "fused == unfused" cell for a DenoiseRep variant's results (one per seed)."""
+
+
+class TaskBase:
+    """Defaults for the parts of `Task` most tasks share."""
+
+    demo_note: ClassVar[str] = ""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def conversion_root(model: nn.Module) -> nn.Module:
+        return model
+
+    def conversion_inputs(self, model: nn.Module, device: torch.device) -> tuple:
+        return (self.example_inputs(device),)
+
+    def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> Iterable | None:
+        return None
+
+    def noise_forward(self, model: nn.Module, inputs: Any) -> None:
+        call_model(model, (inputs,))
