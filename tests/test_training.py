@@ -91,19 +91,28 @@ def test_task_loss_reaches_the_denoisers_through_the_fused_weights():
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_denoise_loss_is_a_zero_tensor_when_nothing_accumulated_and_resets_after_each_call():
+def test_denoise_loss_refuses_to_return_a_loss_no_training_forward_produced_and_resets_after_each_call():
     model = small_cnn()
     x = structured_batch(4)
+    assert dr.denoise_loss(model).item() == 0.0  # not converted: no noise loss exists
     dr.convert(model, example_inputs=x)
-    zero = dr.denoise_loss(model)
-    assert isinstance(zero, torch.Tensor) and zero.item() == 0.0
+    with pytest.raises(RuntimeError, match="no forward in train mode with gradients"):
+        dr.denoise_loss(model)  # before any forward
     model.eval()
     model(x)
-    assert dr.denoise_loss(model).item() == 0.0  # eval mode accumulates nothing
+    with pytest.raises(RuntimeError, match="model.train"):
+        dr.denoise_loss(model)  # eval mode accumulates nothing
     model.train()
+    with torch.no_grad():
+        model(x)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        dr.denoise_loss(model)
     model(x)
     assert dr.denoise_loss(model).item() > 0
-    assert dr.denoise_loss(model).item() == 0.0
+    with pytest.raises(RuntimeError):
+        dr.denoise_loss(model)  # collected: the next call needs a new forward
+    dr.set_trainable(model, denoisers=False, backbone=True)
+    assert dr.denoise_loss(model).item() == 0.0  # frozen denoisers (the alternating schedule's backbone phase)
 
 
 def test_alternating_phase_trains_the_backbone_through_the_fused_weights_only():

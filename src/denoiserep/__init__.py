@@ -7,7 +7,7 @@
     model = denoiserep.fuse(model)                        # plain model, original architecture
 """
 
-from .calibrate import CalibrationReport, NoiseLossReport, calibrate, noise_loss_report
+from .calibrate import CalibrationError, CalibrationReport, NoiseLossReport, calibrate, noise_loss_report
 from .checkpoint import load_converted, load_fused, save_converted, save_fused
 from .config import DenoiseConfig
 from .convert import (
@@ -19,17 +19,19 @@ from .convert import (
     noise_loss_only,
     set_trainable,
 )
-from .fuse import FuseReport, fuse
+from .fuse import FuseReport, FusionError, fuse
 from .head import DenoiseHead
 from .schedule import NoiseSchedule, make_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationError",
     "CalibrationReport",
     "DenoiseConfig",
     "DenoiseHead",
     "FuseReport",
+    "FusionError",
     "NoiseLossReport",
     "NoiseSchedule",
     "calibrate",

@@ -8,17 +8,35 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .convert import ConversionState, apply_plan, conversion_state, is_converted, unwrap
 
 CONVERTED_FORMAT = "denoiserep-converted/1"
+
+
+class UntrustedFileError(ValueError):
+    """A file holds Python objects that unpickling could run as code; it was not loaded."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files are created as every other tool creates them: 0666 minus the user's umask (mkstemp's
+# temporary files are 0600, which would otherwise survive the rename).
+FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -29,6 +47,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -37,10 +56,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+    """``torch.load`` of a file that may come from anyone: tensors and plain data only
+    (``weights_only=True``); anything else is refused with `UntrustedFileError`, and nothing runs."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # torch names the object it refused
+        detail = f"it references {found.group(1)}" if found else "it needs more than tensors and plain data"
+        raise UntrustedFileError(
+            f"refusing to load {path}: {detail}, and unpickling such a file can run code. denoiserep never writes "
+            "such files; if this one is yours, re-save it as a plain state_dict (torch.save(model.state_dict(), "
+            "path)) or as .safetensors."
+        ) from None
+    except Exception as error:  # truncated archives, text files, …: whatever torch's reader raised
+        raise ValueError(f"{path} is not a readable torch file ({type(error).__name__}: {error}); it is truncated "
+                         "or in another format") from None
+
+
 def save_converted(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Save a converted model's full state (backbone + denoisers + the conversion plan).
 
-    ``extra`` (optimizer state, epoch, …) is stored alongside for resuming.
+    ``extra`` (optimizer state, epoch, …) is stored alongside for resuming: tensors and plain
+    data (dicts, lists, numbers, strings), since `load_converted` reads nothing else.
     """
     model = unwrap(model)
     payload = {
@@ -58,7 +96,7 @@ def load_converted(model: nn.Module, path: str | os.PathLike, map_location: str 
     Returns the checkpoint's ``extra`` dict.
     """
     model = unwrap(model)
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    payload = load_torch_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != CONVERTED_FORMAT:
         raise ValueError(
             f"{path} is not a denoiserep converted checkpoint (expected format {CONVERTED_FORMAT!r}). "
@@ -82,10 +120,24 @@ def save_fused(model: nn.Module, path: str | os.PathLike, metadata: dict | None 
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors, or a ValueError that names the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({error}): it is truncated or in another format. Pass the "
+            "model.safetensors a run wrote (denoiserep.save_fused); a .pt/.pth state_dict goes to --init instead."
+        ) from None
+
+
 def load_fused(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Load fused weights into a freshly built original model (strict key and shape check)."""
     model = unwrap(model)
-    state = load_file(str(path), device=str(device))
+    state = read_safetensors(path, device)
     shared = {k: v for k, v in model.state_dict().items() if k not in state}
     for key, tensor in list(shared.items()):
         # keys dropped by _dedupe_shared point at the same storage as a kept key
@@ -103,8 +155,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist (nothing is downloaded: pass a local file)")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path)
+    state = load_torch_file(path)
     for key in ("state_dict", "model", "state_dict_ema", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             return state[key]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,6 +48,9 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--calibrate-batches", "calibrate_batches", {"type": int, "help": "training batches the calibration sees"}),
     ("--head-steps", "head_steps", {"type": int, "help": "DenoiseRep⁻ reverse steps"}),
     ("--device", "device", {"choices": ["auto", "cpu", "cuda"]}),
+    ("--threads", "threads", {"type": int, "help": "torch CPU threads (default: 1 below 5M parameters, else torch's)"}),
+    ("--skip-bad-images", "skip_bad_images", {"action": "store_true",
+                                              "help": "replace unreadable training images (counted, logged) instead of stopping"}),
     ("--workers", "workers", {"type": int}),
     ("--output", "output", {}),
     ("--name", "name", {}),
@@ -85,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--extra-epochs", type=int)
     demo.add_argument("--output", default="runs")
     demo.add_argument("--name")
-    demo.add_argument("--resume", action="store_true")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for a model this small)")
+    demo.add_argument("--fresh", action="store_true",
+                      help="delete the demo's earlier run and start over (by default finished stages are reused "
+                           "and an interrupted one continues)")
 
     fuse_cmd = sub.add_parser("fuse", help="fuse a denoise stage's checkpoint into plain safetensors weights")
     fuse_cmd.add_argument("stage_dir", type=Path, help="e.g. runs/NAME/denoiserep-label-aug")
@@ -129,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[command_at + 1:])
     args = build_parser().parse_args(argv)
+    from .fuse import FusionError
     from .train.engine import NonFiniteLossError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, FusionError) as error:
         print(f"denoiserep {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -146,25 +154,34 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     task = task_class(args.task)
     values = {"task": args.task, **task.demo_defaults, "output": args.output}
-    for key in ("epochs", "extra_epochs", "name"):
+    for key in ("epochs", "extra_epochs", "name", "threads"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     cfg = TrainConfig.from_dict(values)
     if task.demo_note:
         print(task.demo_note)
-    return _run(cfg, ["all"], args.seeds, args.resume)
+    # The main command must work again after an interrupted or finished run: it continues the
+    # run in its folder (reusing finished stages) unless --fresh starts over.
+    if args.fresh and cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)
+        print(f"--fresh: deleted {cfg.run_dir}; starting over")
+    elif cfg.run_dir.exists():
+        print(f"{cfg.run_dir} exists: continuing it (finished stages are reused; --fresh starts over)")
+    return _run(cfg, ["all"], args.seeds, resume=True)
 
 
 def _run(cfg: TrainConfig, stages: list[str], seeds: list[int], resume: bool) -> int:
     from .tasks import create_task
     from .train.distributed import init_distributed, shutdown_distributed
     from .train.pipeline import run_pipeline, variant_specs
+    from .train.rundir import seed_config
 
     specs = variant_specs(stages, cfg.lam)
     info, device = init_distributed(cfg.device)
     try:
         task = create_task(cfg)
-        task.build_model()  # fail on a bad model name or data before writing anything
+        model = task.build_model()  # fail on a bad model name or data before writing anything
+        set_threads(cfg, model)
         result = run_pipeline(cfg, task, specs, seeds, info, device, resume=resume)
     finally:
         shutdown_distributed()
@@ -173,15 +190,31 @@ def _run(cfg: TrainConfig, stages: list[str], seeds: list[int], resume: bool) ->
             print(result.table)
         if result.report:
             print(f"\nreport: {result.report}")
+        run_dir = seed_config(cfg, seeds[0], len(seeds)).run_dir
         for variant, stage_result in result.results[seeds[0]].items():
-            print(f"{variant}: {stage_result.metrics} -> {stage_result.weights}")
+            print(f"{variant}: {stage_result.metrics} -> {run_dir / stage_result.weights}")
     return 0
+
+
+# A model this small gains nothing from a second thread, and with a competing process on a small
+# machine the threads' synchronisation turns a 1-minute demo into 20 (measured: BENCHMARKS / README).
+SMALL_MODEL_PARAMETERS = 5_000_000
+
+
+def set_threads(cfg: TrainConfig, model) -> None:
+    """torch's CPU threads: ``cfg.threads`` if given; 1 for small models; torch's default otherwise."""
+    import torch
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    elif sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_state_dict_checked, save_fused
+    from .checkpoint import load_state_dict_checked, load_torch_file, save_fused
     from .convert import ConversionState, apply_plan
     from .fuse import fuse
     from .tasks import create_task
@@ -192,17 +225,21 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"expected {checkpoint} and {config_path} (a denoise stage folder of a run); found neither or one"
         )
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if payload.get("conversion") is None:
+    payload = load_torch_file(checkpoint)
+    if not isinstance(payload, dict) or payload.get("conversion") is None:
         raise ValueError(f"{checkpoint} is not from a denoise stage: there are no denoisers to fuse")
     cfg = TrainConfig.from_yaml(config_path)
-    model = create_task(cfg).build_model()
+    task = create_task(cfg)
+    model = task.build_model()
     apply_plan(model, ConversionState.from_dict(payload["conversion"]))
     load_state_dict_checked(model, payload["model"], checkpoint)
-    _, report = fuse(model.eval(), return_report=True)
+    # Checked on real inputs: a wrong fusion must fail here, not in the user's deployment.
+    batch = task.example_inputs(torch.device("cpu"), batch=cfg.eval_batch_size)
+    _, report = fuse(model.eval(), example_inputs=(batch,), return_report=True)
     output = args.output or args.stage_dir / "model.safetensors"
     save_fused(model, output, metadata={"source": str(checkpoint)})
-    print(f"fused {len(report.layers)} layers (epoch {payload['epoch']}) -> {output}")
+    print(f"fused {len(report.layers)} layers (epoch {payload['epoch']}) -> {output}; fused == unfused on "
+          f"{len(batch)} validation inputs (max relative error {report.max_relative_error:.1e})")
     if report.added_biases:
         print(f"layers that gained a bias: {', '.join(report.added_biases)}")
     return 0

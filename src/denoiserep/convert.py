@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .config import DenoiseConfig
 from .layers import LayerDenoiser, attach, denoiser_of
@@ -118,13 +118,24 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> dict[str, nn.Modul
     """Layers of the configured types whose names pass the include/exclude patterns."""
     excluded_ids = _excluded_module_ids(model, config)
     typed = [(n, m) for n, m in model.named_modules() if isinstance(m, tuple(config.layer_types)) and n]
+    owners = _parameter_owners(model)
+    bypassed = _functionally_called_layers(model)
     selected: dict[str, nn.Module] = {}
     unsafe: list[str] = []
+    skipped: list[str] = []
     for name, module in typed:
         if id(module) in excluded_ids or not _name_selected(name, config):
             continue
         if not _fusable_forward(module):
             unsafe.append(f"{name} ({type(module).__name__})")
+            continue
+        if name in bypassed:
+            skipped.append(f"{name} ({bypassed[name]} uses its weight directly, bypassing its forward)")
+            continue
+        shared = sorted({owner for p in module.parameters(recurse=False) for owner in owners[id(p)]} - {name})
+        if shared:
+            # Fusing would write W′ into the one shared tensor and change the other layers too.
+            skipped.append(f"{name} (shares parameters with {', '.join(shared)})")
             continue
         selected[name] = module
     if unsafe:
@@ -133,6 +144,9 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> dict[str, nn.Modul
             f"standardization) and get no denoiser: {', '.join(unsafe)}",
             stacklevel=3,
         )
+    if skipped:
+        warnings.warn(f"these layers get no denoiser: {'; '.join(skipped)}", stacklevel=3)
+    _warn_unsupported(model, config, excluded_ids)
     if not selected:
         available = ", ".join(f"{n} ({type(m).__name__})" for n, m in typed[:20]) or "none"
         more = f" and {len(typed) - 20} more" if len(typed) > 20 else ""
@@ -144,6 +158,44 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> dict[str, nn.Modul
             "Fix target_modules/exclude_modules (names as in model.named_modules()) or layer_types."
         )
     return selected
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> the names of every module that holds it (tied weights have several)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module._parameters.values():
+            if parameter is not None and name not in owners.setdefault(id(parameter), []):
+                owners[id(parameter)].append(name)
+    return owners
+
+
+def _functionally_called_layers(model: nn.Module) -> dict[str, str]:
+    """Layers whose parent reads their weight directly instead of calling them, so that hooks on
+    the layer never run: ``nn.MultiheadAttention.out_proj`` (``F.multi_head_attention_forward``)."""
+    return {f"{name}.out_proj" if name else "out_proj": f"{type(module).__name__} {name or '(root)'}"
+            for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+
+
+# Affine layers with weights that DenoiseRep cannot carry a denoiser on (named, not skipped silently).
+_UNSUPPORTED_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _warn_unsupported(model: nn.Module, config: DenoiseConfig, excluded_ids: set[int]) -> None:
+    found = []
+    for name, module in model.named_modules():
+        if id(module) in excluded_ids or not name or not _name_selected(name, config):
+            continue
+        if isinstance(module, _UNSUPPORTED_LAYERS):
+            found.append(f"{name} ({type(module).__name__})")
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            found.append(f"{name}.in_proj_weight (MultiheadAttention's packed input projection, not a layer)")
+    if found:
+        warnings.warn(
+            "DenoiseRep cannot convert these and leaves them as they are (only Linear and Conv1d/2d/3d "
+            f"fuse exactly): {', '.join(found)}",
+            stacklevel=4,
+        )
 
 
 def _excluded_module_ids(model: nn.Module, config: DenoiseConfig) -> set[int]:
@@ -211,10 +263,14 @@ def plan_layers(
 
 
 def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: Any) -> tuple[list[str], dict[str, str]]:
+    """One forward on ``example_inputs``: the execution order, and for each bias-free layer the
+    BatchNorm its constant term can be folded into (see `_foldable_norms`)."""
     calls: Counter[str] = Counter()
+    norm_calls: Counter[str] = Counter()
     order: list[str] = []
-    bias_free_outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (layer, output kept alive)
-    following: dict[str, str] = {}
+    bias_free_outputs: dict[str, tuple[torch.Tensor, int]] = {}  # layer -> (output, its version then)
+    pairs: dict[str, str] = {}  # bias-free layer -> the BatchNorm that took its output as input
+    norm_outputs: dict[str, torch.Tensor] = {}
     handles = []
 
     def on_layer_call(name: str):
@@ -228,18 +284,28 @@ def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: A
     def on_layer_output(name: str):
         def hook(module, args, output):
             if isinstance(output, torch.Tensor):
-                bias_free_outputs[id(output)] = (name, output)
+                bias_free_outputs[name] = (output, output._version)
 
         return hook
 
     def on_norm_call(norm_name: str):
         def hook(module, args):
-            found = bias_free_outputs.get(id(args[0])) if args else None
-            if found is not None:
-                layer_name = found[0]
-                running_mean = getattr(module, "running_mean", None)
-                if running_mean is not None and running_mean.numel() == _out_channels(candidates[layer_name]):
-                    following.setdefault(layer_name, norm_name)
+            norm_calls[norm_name] += 1
+            x = args[0] if args else None
+            for layer_name, (output, version) in bias_free_outputs.items():
+                # The very tensor the layer returned, not modified in place since (an in-place
+                # activation in between returns the same tensor with a new version).
+                if x is output and x._version == version:
+                    running_mean = getattr(module, "running_mean", None)
+                    if running_mean is not None and running_mean.numel() == _out_channels(candidates[layer_name]):
+                        pairs.setdefault(layer_name, norm_name)
+
+        return hook
+
+    def on_norm_output(norm_name: str):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                norm_outputs.setdefault(norm_name, output)
 
         return hook
 
@@ -250,12 +316,14 @@ def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: A
     for name, module in model.named_modules():
         if _is_batch_norm(module):
             handles.append(module.register_forward_pre_hook(on_norm_call(name)))
+            handles.append(module.register_forward_hook(on_norm_output(name)))
 
     was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
-            call_model(model, example_inputs)
+        # With gradients, so that the autograd graph shows every consumer of a layer's output.
+        with torch.enable_grad():
+            outputs = call_model(model, _requiring_grad(example_inputs))
     except Exception as error:
         raise ValueError(
             f"example_inputs failed to run the model ({type(error).__name__}: {error}). Pass what "
@@ -284,7 +352,76 @@ def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: A
         )
     if not order:
         raise ValueError("none of the selected layers ran on example_inputs; check the inputs and the patterns")
+    following = _foldable_norms(pairs, calls, norm_calls, bias_free_outputs, norm_outputs, outputs)
+    unproven = sorted(set(pairs) - set(following))
+    if unproven:
+        warnings.warn(
+            "these bias-free layers feed a BatchNorm but their output is also used elsewhere (or the layer or "
+            "the BatchNorm runs twice), so their constant cannot be folded into it exactly; they gain a bias "
+            f"at fuse time instead: {', '.join(f'{n} → {pairs[n]}' for n in unproven)}",
+            stacklevel=4,
+        )
     return order, following
+
+
+def _requiring_grad(inputs: Any) -> Any:
+    """Copies of the floating-point input tensors that require grad (the graph then exists even
+    when every parameter is frozen)."""
+    return tree_map(lambda v: v.detach().clone().requires_grad_(True)
+                    if isinstance(v, torch.Tensor) and v.is_floating_point() else v, inputs)
+
+
+def _foldable_norms(pairs: dict[str, str], calls: Counter, norm_calls: Counter,
+                    layer_outputs: dict[str, tuple[torch.Tensor, int]], norm_outputs: dict[str, torch.Tensor],
+                    outputs: Any) -> dict[str, str]:
+    """The (layer → BatchNorm) pairs where folding is exact: both run once, and the BatchNorm is
+    the only consumer of the layer's output. Folding moves the constant into the BatchNorm's
+    running mean, which is right only for the BatchNorm's own path: any other consumer (a residual,
+    a second head) would see the output without it.
+
+    Proof from the autograd graph: every node that consumes the layer's output must lie inside the
+    BatchNorm's computation, i.e. on a path from the BatchNorm's output back to the layer's output."""
+    leaves, _ = tree_flatten(outputs)
+    roots = [t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    consumers: dict[Any, list[Any]] = {}
+    seen, stack = set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                consumers.setdefault(child, []).append(node)
+                stack.append(child)
+    following = {}
+    for layer, norm in pairs.items():
+        layer_node = layer_outputs[layer][0].grad_fn
+        norm_output = norm_outputs.get(norm)
+        if (calls[layer] != 1 or norm_calls[norm] != 1 or layer_node is None or norm_output is None
+                or norm_output.grad_fn is None):
+            continue
+        inside = _nodes_between(norm_output.grad_fn, layer_node)
+        if consumers.get(layer_node) and all(node in inside for node in consumers[layer_node]):
+            following[layer] = norm
+    return following
+
+
+def _nodes_between(top: Any, bottom: Any) -> set:
+    """Autograd nodes on some path from ``top`` down to ``bottom`` (``bottom`` excluded)."""
+    reaches: dict[Any, bool] = {bottom: True}
+    stack = [(top, False)]
+    while stack:  # iterative post-order: a node reaches ``bottom`` if one of its inputs does
+        node, expanded = stack.pop()
+        if node in reaches and not expanded:
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in reaches)
+        else:
+            reaches[node] = any(reaches.get(child, False) for child in children)
+    return {node for node, reached in reaches.items() if reached and node is not bottom}
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
@@ -348,17 +485,23 @@ def conversion_state(model: nn.Module) -> ConversionState:
 def denoise_loss(model: nn.Module) -> torch.Tensor:
     """Sum over layers of the noise-prediction losses accumulated since the last call.
 
-    Resets the accumulators. Returns a zero tensor (on the model's device) when nothing
-    was accumulated, e.g. in eval mode or under ``torch.no_grad()``.
+    Resets the accumulators. A model with no trainable denoisers (not converted, or every
+    denoiser frozen, as in the alternating schedule's backbone phase) gives a zero tensor. A model
+    with trainable denoisers but nothing accumulated raises: its forward ran in eval mode or without
+    gradients, and a zero loss would train nothing without a word.
     """
     from .head import DenoiseHead
 
-    losses = []
-    for module in unwrap(model).modules():
-        if isinstance(module, (LayerDenoiser, DenoiseHead)):
-            losses.extend(module.pop_losses())
+    denoisers = [m for m in unwrap(model).modules() if isinstance(m, (LayerDenoiser, DenoiseHead))]
+    losses = [loss for module in denoisers for loss in module.pop_losses()]
     if losses:
         return torch.stack([loss.float() for loss in losses]).sum()
+    if any(p.requires_grad for module in denoisers for p in module.parameters()):
+        raise RuntimeError(
+            "denoise_loss(model) has no noise loss to return: since the last call the model ran no forward in "
+            "train mode with gradients enabled (model.eval(), torch.no_grad() and torch.inference_mode() turn "
+            "the noise losses off). Call model.train() and run a forward with gradients first."
+        )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return torch.zeros((), device=device)
 

@@ -12,14 +12,14 @@ download a pickle, which we never ask it to do).
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..checkpoint import atomic_write
 
 DIGITS_TEST_SIZE = 0.3
 DIGITS_SPLIT_SEED = 0
@@ -150,12 +150,9 @@ def _write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     Concurrent runs (e.g. several seeds started together) therefore never read a
     half-written cache: they see either no file or a complete one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+
+    atomic_write(path, write)

@@ -3,6 +3,7 @@ transforms, and unlabeled images for the label-free loss (``--extra-data`` / ``-
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,43 @@ Transform = Callable[[Any], torch.Tensor]
 
 UNLABELED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _MAX_LISTED_ENTRIES = 20
+
+logger = logging.getLogger(__name__)
+
+
+class UnreadableImageError(ValueError):
+    """An image file that PIL cannot decode (truncated, corrupt, or not an image)."""
+
+
+def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+    """The decoded image in ``mode``, or an `UnreadableImageError` naming the file and the fix."""
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)  # decodes the whole file: truncation shows here, not mid-epoch
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise UnreadableImageError(
+            f"cannot read image {path} ({type(error).__name__}: {error}). Remove or replace the file; for training "
+            "data --skip-bad-images trains without it instead."
+        ) from None
+
+
+class SkipUnreadable(Dataset):
+    """Training data that replaces an unreadable image by the next readable one and logs each skip
+    (``--skip-bad-images``). Never for evaluation data: a replaced query would change the metric."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except UnreadableImageError as error:
+                logger.warning("--skip-bad-images: skipped an unreadable image: %s", error)
+        raise UnreadableImageError(f"none of the {len(self.dataset)} images of this data set can be read")
 
 
 class UnlabeledImageDataset(Dataset):
@@ -28,8 +66,7 @@ class UnlabeledImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert(self.mode)), -1
+        return self.transform(read_image(self.paths[index], self.mode)), -1
 
 
 def load_unlabeled_images(path: str, *, image_size: int, in_chans: int) -> Dataset:
@@ -55,13 +92,15 @@ def load_unlabeled_images(path: str, *, image_size: int, in_chans: int) -> Datas
 
 
 def unlabeled_datasets(
-    extra_paths: list[str], denoise_path: str | None, load: Callable[[str], Dataset]
+    extra_paths: list[str], denoise_path: str | None, load: Callable[[str], Dataset], skip_unreadable: bool = False
 ) -> tuple[Dataset | None, Dataset | None]:
     """A run's unlabeled images, each folder read by the task's ``load``: the ``--extra-data``
     folders merged into one set (the label-free loss on merged datasets) and the
-    ``--denoise-data`` folder (the denoisers' training set); None where not given."""
-    extra = ConcatDataset([load(path) for path in extra_paths]) if extra_paths else None
-    denoise = load(denoise_path) if denoise_path else None
+    ``--denoise-data`` folder (the denoisers' training set); None where not given. Both are
+    training data: ``skip_unreadable`` wraps them in `SkipUnreadable`."""
+    wrap = SkipUnreadable if skip_unreadable else (lambda dataset: dataset)
+    extra = wrap(ConcatDataset([load(path) for path in extra_paths])) if extra_paths else None
+    denoise = wrap(load(denoise_path)) if denoise_path else None
     return extra, denoise
 
 

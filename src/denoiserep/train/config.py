@@ -67,10 +67,13 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
+    threads: int | None = None  # torch CPU threads; None: 1 for small models, torch's default otherwise
+    skip_bad_images: bool = False  # replace unreadable training images (logged) instead of stopping
     output: str = "runs"
     name: str = "run"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"--lambda must be in [0, 1] (Loss = (1 − λ)·task + λ·denoise), got {self.lam}")
         if self.label_free:
@@ -84,9 +87,11 @@ class TrainConfig:
             raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.denoise_init not in DENOISE_INITS:
             raise ValueError(f"--denoise-init must be one of {', '.join(DENOISE_INITS)}, got {self.denoise_init!r}")
-        for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps", "calibrate_batches"):
-            if getattr(self, name) < (0 if "epochs" in name else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps", "calibrate_batches",
+                     "image_size", "threads", "workers"):
+            value, lowest = getattr(self, name), 0 if name in ("epochs", "extra_epochs", "workers") else 1
+            if value is not None and value < lowest:
+                raise ValueError(f"{name} must be {'≥ 0' if lowest == 0 else 'positive'}, got {value}")
         if self.alternate_every is not None and self.alternate_every < 1:
             raise ValueError(f"alternate_every must be >= 1 epoch, got {self.alternate_every}")
         self.denoise_config()  # validate early: a bad field fails before any training
@@ -115,14 +120,45 @@ class TrainConfig:
             values = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields")
         return cls.from_dict({**values, **overrides})
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        if not isinstance(values, dict):
+            raise ValueError(f"a run's settings must be a mapping of TrainConfig fields, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+# What each annotation accepts. YAML and JSON give ints for 3 and floats for 3.0: a float field
+# takes an int; an int field takes no float, bool or string (``epochs: 1.7`` is a mistake, not 1).
+_CHECKS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "dict": (lambda v: isinstance(v, dict), "a mapping (YAML) / JSON object"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+}
+
+
+def _check_types(cfg: "TrainConfig") -> None:
+    """A one-line error naming the field, its value and what it must be (YAML and --model-kwargs
+    JSON arrive untyped)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = f.type.removesuffix(" | None")
+        if value is None and f.type.endswith(" | None"):
+            continue
+        check, expected = _CHECKS[kind]
+        if not check(value):
+            raise ValueError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
+        if kind == "float":
+            setattr(cfg, f.name, float(value))

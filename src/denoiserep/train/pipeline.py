@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +13,7 @@ from ..report import Row, format_table, plot_report, write_report
 from ..timing import forward_flops, time_interleaved
 from .config import TrainConfig
 from .distributed import DistInfo
+from .rundir import check_run, run_lock, seed_config
 from .stages import StageResult, StageSpec, noise_loss_line, run_stage
 
 logger = logging.getLogger(__name__)
@@ -58,22 +59,24 @@ def run_pipeline(cfg: TrainConfig, task, specs: list[StageSpec], seeds: list[int
     ``task`` (e.g. `ClassificationTask`) holds the data and builds models; seeds only change
     initialisation, data order and noise, which the stages take from the seed directly.
     """
+    check_run(cfg, specs, seeds, resume)  # before anything is written
     results: dict[int, dict[str, StageResult]] = {}
-    for seed in seeds:
-        seed_cfg = dataclasses.replace(cfg, seed=seed, name=f"{cfg.name}/seed{seed}" if len(seeds) > 1 else cfg.name)
-        if info.is_main:
-            seed_cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            seed_cfg.save(seed_cfg.run_dir / "config.yaml")
-        results[seed] = {}
-        for spec in specs:
-            needs_baseline = spec.stage != "baseline" and not (seed_cfg.run_dir / "baseline" / "result.json").exists()
-            if needs_baseline and all(s.stage != "baseline" for s in specs):
-                raise FileNotFoundError(
-                    f"stage '{spec.stage}' starts from the baseline, but {seed_cfg.run_dir / 'baseline'} has no "
-                    "finished baseline. Run --stage baseline first (same --output/--name), or --stage all."
-                )
-            logger.info("seed %d: %s", seed, spec.variant)
-            results[seed][spec.variant] = run_stage(spec, seed_cfg, task, info, device, resume=resume)
+    with run_lock(cfg.run_dir) if info.is_main else contextlib.nullcontext():
+        for seed in seeds:
+            seed_cfg = seed_config(cfg, seed, len(seeds))
+            if info.is_main:
+                seed_cfg.run_dir.mkdir(parents=True, exist_ok=True)
+                seed_cfg.save(seed_cfg.run_dir / "config.yaml")
+            results[seed] = {}
+            for spec in specs:
+                logger.info("seed %d: %s", seed, spec.variant)
+                results[seed][spec.variant] = run_stage(spec, seed_cfg, task, info, device, resume=resume)
+        return _finish(cfg, task, seeds, results, info, device, latency_repeats)
+
+
+def _finish(cfg: TrainConfig, task, seeds: list[int], results: dict[int, dict[str, StageResult]], info: DistInfo,
+            device: torch.device, latency_repeats: int) -> PipelineResult:
+    """The comparison table, its plots and report.md (main process)."""
     rows = _rows(results, task, device, latency_repeats) if info.is_main else []
     table = format_table(rows, task.metric_label) if rows and "baseline" in results[seeds[0]] else ""
     pipeline = PipelineResult(table, rows, results)
@@ -137,6 +140,6 @@ def _notes(cfg: TrainConfig, seeds: list[int], results) -> list[str]:
             notes.append(
                 f"{variant}: {noise_loss_line(result.extra['noise_loss'])}; "
                 f"max relative error fused vs unfused {result.extra['fuse_max_relative_error']:.2e}; "
-                f"fused weights in `{Path(result.weights).relative_to(cfg.run_dir)}`."
+                f"fused weights in `{result.weights}`."
             )
     return notes

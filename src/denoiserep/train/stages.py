@@ -29,7 +29,14 @@ from torch import nn
 from tqdm import tqdm
 
 from ..calibrate import calibrate, noise_loss_report
-from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, read_state_dict, save_fused
+from ..checkpoint import (
+    atomic_write,
+    load_fused,
+    load_state_dict_checked,
+    load_torch_file,
+    read_state_dict,
+    save_fused,
+)
 from ..convert import conversion_state, convert, set_trainable, unwrap
 from ..fuse import fuse
 from ..head import DenoiseHead
@@ -48,7 +55,7 @@ class StageResult:
     stage: str
     metrics: dict
     history: list[dict] = field(default_factory=list)
-    weights: str | None = None
+    weights: str | None = None  # relative to the run directory (``<variant>/model.safetensors``)
     extra: dict = field(default_factory=dict)
     model: nn.Module | None = field(default=None, repr=False, compare=False)  # live model; not saved
 
@@ -73,21 +80,14 @@ class StageSpec:
 
 def run_stage(spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: torch.device,
               *, resume: bool = False) -> StageResult:
+    """Run one stage in ``<run>/<variant>`` (`denoiserep.train.rundir.check_run` has checked that
+    this may write there); with ``resume`` a finished stage is reused and an unfinished one continued."""
     stage_dir = cfg.run_dir / spec.variant
     result_path = stage_dir / "result.json"
-    if result_path.exists():
-        if not resume:
-            raise FileExistsError(
-                f"{stage_dir} already holds a finished stage. Pass --resume to reuse it, or choose another "
-                "--name / --output."
-            )
+    if resume and result_path.exists():
         result = StageResult(**json.loads(result_path.read_text()))
         result.model = _StageRunner(spec, cfg, task, info, device, stage_dir).load_final(result)
         return result
-    if stage_dir.exists() and any(stage_dir.iterdir()) and not resume:
-        raise FileExistsError(
-            f"{stage_dir} holds an unfinished stage. Pass --resume to continue it, or choose another --name."
-        )
     seed_everything(cfg.seed)
     runner = _StageRunner(spec, cfg, task, info, device, stage_dir)
     return runner.run(resume)
@@ -151,7 +151,7 @@ class _StageRunner:
         model = self.task.build_model()
         if self.spec.stage == "head":
             model = self.task.wrap_with_head(model, self._head(model))
-        return load_fused(model, result.weights).to(self.device)
+        return load_fused(model, self.cfg.run_dir / result.weights).to(self.device)
 
     def _head(self, backbone: nn.Module) -> DenoiseHead:
         dcfg = self.cfg.denoise_config()
@@ -289,7 +289,7 @@ class _StageRunner:
         if info.is_main:
             weights = self.stage_dir / "model.safetensors"
             save_fused(model, weights, metadata={"stage": self.spec.stage, "variant": self.spec.variant})
-            result.weights = str(weights)
+            result.weights = str(weights.relative_to(self.cfg.run_dir))  # the run folder can move
             result_text = json.dumps(result.to_dict(), indent=2)
             atomic_write(self.stage_dir / "result.json", lambda tmp: Path(tmp).write_text(result_text))
         barrier()
@@ -341,13 +341,13 @@ class _StageRunner:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
             "noise_loss": self.noise_loss,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(payload, tmp))
 
     def _load_checkpoint(self, model, optimizer, scheduler, ema) -> tuple[int, int, list[dict]]:
-        payload = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        payload = load_torch_file(self.checkpoint_path, self.device)
         if self.spec.stage == "denoise" and payload.get("conversion") != conversion_state(model).to_dict():
             raise ValueError(
                 f"{self.checkpoint_path} was converted with other DenoiseRep settings than this run's; resume "
@@ -362,11 +362,23 @@ class _StageRunner:
         self.noise_loss = payload.get("noise_loss") or {}
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
+        _set_numpy_state(rng["numpy"])
         random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         return payload["epoch"] + 1, payload["num_updates"], payload["history"]
+
+
+def _numpy_state() -> dict:
+    """NumPy's global RNG state as tensors and plain numbers (what a weights_only load accepts)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _set_numpy_state(state: dict) -> None:
+    np.random.set_state((state["name"], state["keys"].cpu().numpy().astype(np.uint32), state["position"],
+                         state["has_gauss"], state["cached_gaussian"]))
 
 
 def noise_loss_line(noise_loss: dict) -> str:

@@ -29,8 +29,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from ...checkpoint import UntrustedFileError
 from ...data.embedded import TensorSplits, load_digits_splits, load_mnist1d_splits
-from ...data.images import Transform, default_image_transform, existing_directory, list_entries
+from ...data.images import Transform, default_image_transform, existing_directory, list_entries, read_image
 
 ACCEPTED_SPECS = (
     "accepted dataset specs: 'digits'; 'mnist1d'; "
@@ -237,8 +238,8 @@ def _load_imagefolder(
     class_names = _check_imagefolder_layout(root)
     size = image_size or DEFAULT_IMAGEFOLDER_SIZE
     train_tf, eval_tf = _image_transforms(size, train_transform, eval_transform)
-    train = ImageFolder(str(root / "train"), transform=train_tf)
-    val = ImageFolder(str(root / "val"), transform=eval_tf)
+    train = ImageFolder(str(root / "train"), transform=train_tf, loader=read_image)
+    val = ImageFolder(str(root / "val"), transform=eval_tf, loader=read_image)
     return _assemble(root.name, train, val, class_names)
 
 
@@ -357,14 +358,40 @@ def _read_cifar_batches(folder: Path, files: tuple[str, ...], label_key: str) ->
     return np.ascontiguousarray(np.concatenate(images)), labels
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch is made of (dicts, lists, bytes, numbers and NumPy arrays):
+    a pickle is a program, and a file in a user's folder must not be able to run one."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # protocol-2 bytes written by Python 3
+    }
+
+    def __init__(self, handle, path: Path):
+        super().__init__(handle, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise UntrustedFileError(
+                f"refusing to read '{self.path}': it references {module}.{name}, which a CIFAR batch never "
+                "contains, and unpickling it could run code. Use the files of the official archive."
+            )
+        return super().find_class(module, name)
+
+
 def _read_cifar_pickle(path: Path) -> dict[str, Any]:
     """Load one official CIFAR pickle (Python-2 era, bytes keys) with str keys.
 
     ``encoding="bytes"`` is what the CIFAR page prescribes for Python 3; keys are then
-    decoded so that str-keyed re-pickles of the same data work too.
+    decoded so that str-keyed re-pickles of the same data work too. Only the types a CIFAR
+    batch holds are unpickled (`_CifarUnpickler`).
     """
     with open(path, "rb") as handle:
-        content = pickle.load(handle, encoding="bytes")
+        try:
+            content = _CifarUnpickler(handle, path).load()
+        except (pickle.UnpicklingError, EOFError) as error:
+            raise ValueError(f"'{path}' is not a readable CIFAR pickle ({error})") from None
     if not isinstance(content, dict):
         raise ValueError(f"'{path}' is not a CIFAR pickle (expected a dict, got {type(content).__name__})")
     return {_as_text(key): value for key, value in content.items()}

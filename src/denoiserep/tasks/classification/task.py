@@ -12,7 +12,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ...data.images import load_unlabeled_images, unlabeled_datasets
+from ...data.images import SkipUnreadable, load_unlabeled_images, unlabeled_datasets
 from ...head import DenoiseHead
 from ...models import create_model, default_model_for, feature_dim
 from ...train.config import TrainConfig
@@ -35,7 +35,9 @@ class ClassificationTask(TaskBase):
         self.data: ClassificationData = load_classification_data(cfg.data, image_size=cfg.image_size)
         load = functools.partial(load_unlabeled_images, image_size=self.data.input_shape[-1],
                                  in_chans=self.data.input_shape[0])
-        self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, load)
+        self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, load,
+                                                            cfg.skip_bad_images)
+        self.train = SkipUnreadable(self.data.train) if cfg.skip_bad_images else self.data.train
         self.mixup = self._mixup()
         self.loss = self._loss()
 
@@ -71,7 +73,7 @@ class ClassificationTask(TaskBase):
     # -- training -----------------------------------------------------------------------------
     def train_loader(self, info: DistInfo, seed: int, epoch: int, for_denoisers: bool = False) -> DataLoader:
         """Shuffled global batches; the denoise stage may train on ``--denoise-data`` instead."""
-        dataset = self.denoise_train if for_denoisers and self.denoise_train is not None else self.data.train
+        dataset = self.denoise_train if for_denoisers and self.denoise_train is not None else self.train
         sampler = GlobalBatchSampler(len(dataset), self.cfg.batch_size, info, seed, epoch)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers)
 

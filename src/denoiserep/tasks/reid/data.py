@@ -29,6 +29,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import to_tensor
 
+from ...data.images import read_image
+
 MARKET_PATTERN = re.compile(r"^(-1|\d+)_c(\d+)s\d+_\d+_\d+\.jpg$")
 MARKET_PATTERN_TEXT = "PPPP_cCsS_FFFFFF_NN.jpg (e.g. 0002_c1s1_000451_03.jpg; pid -1 = junk)"
 DUKE_PATTERN = re.compile(r"^(\d+)_c(\d+)_f\d+\.jpg$")
@@ -118,9 +120,7 @@ class ReidImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         sample = self.samples[index]
-        with Image.open(sample.path) as image:
-            rgb = image.convert("RGB")
-        return self.transform(rgb), sample.pid, sample.camid
+        return self.transform(read_image(sample.path)), sample.pid, sample.camid
 
 
 # ----------------------------------------------------------------------------

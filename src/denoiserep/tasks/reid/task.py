@@ -26,14 +26,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from ...convert import unwrap
-from ...data.images import load_unlabeled_images, unlabeled_datasets
+from ...data.images import SkipUnreadable, load_unlabeled_images, read_image, unlabeled_datasets
 from ...head import DenoiseHead
 from ...metrics.reid import evaluate_features
 from ...models import default_model_for
@@ -83,8 +82,7 @@ class _ImageReidDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        with Image.open(sample.path) as image:
-            return self.transform(image.convert("RGB")), sample.pid
+        return self.transform(read_image(sample.path)), sample.pid
 
 
 def reid_transforms(size: tuple[int, int], mean, std) -> tuple[T.Compose, T.Compose]:
@@ -144,7 +142,10 @@ class ReidTask(TaskBase):
             self._init_disk(spec)
         self._check_protocol()
         self.loss = ReidLoss(label_smoothing=cfg.label_smoothing)
-        self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, self._unlabeled)
+        self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, self._unlabeled,
+                                                            cfg.skip_bad_images)
+        if cfg.skip_bad_images:
+            self.train = SkipUnreadable(self.train)  # training only: evaluation images keep their identities
 
     def _init_digits(self) -> None:
         if self.cfg.image_size not in (None, 8):
