@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -19,3 +20,10 @@ def _deterministic():
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected|: the error measure the exactness contract uses."""
     return float(((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).detach())
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

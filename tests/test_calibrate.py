@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from denoiserep.calibrate import (
     optimal_l2_loss,
 )
 
-from conftest import relative_error
+from conftest import free_port, relative_error
 
 DDPM_MID = DenoiseConfig(schedule="ddpm", timestep_range=(150, 150))  # ᾱ ≈ 0.5: neither term dominates
 
@@ -402,9 +401,7 @@ def _calibrate_worker(rank, world_size, port, result_file):
 
 
 def test_two_gloo_processes_calibrate_exactly_as_one_process_on_all_the_batches(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = tmp_path / "state.pt"
     mp.spawn(_calibrate_worker, args=(2, port, str(result)), nprocs=2, join=True)
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +27,8 @@ from denoiserep.tasks.reid.losses import ReidLoss
 from denoiserep.tasks.reid.models import ReidModel, ReidTrainOutput, create_reid_model
 from denoiserep.train.config import TrainConfig
 from denoiserep.train.distributed import DistInfo
+
+from conftest import free_port
 
 TINY_VIT = "vit_tiny_patch16_224"
 TINY_VIT_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_stride": 6}
@@ -356,9 +357,7 @@ def test_ddp_evaluation_and_loss_equal_a_single_process(tmp_path):
     """2 gloo processes: sharded + gathered features give the single-process metrics, and the
     averaged gradient of the ReID loss (global-batch triplet) equals the single-process one."""
     root = write_market(tmp_path / "market")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(root), str(tmp_path)), nprocs=2, join=True)
     task = ReidTask(disk_cfg(f"market1501:{root}", tmp_path, eval_batch_size=4))
     single = task.evaluate(_ProjectionModel(3 * 32 * 16), DistInfo(), torch.device("cpu"))

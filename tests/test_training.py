@@ -12,6 +12,7 @@ from torch import nn
 
 import denoiserep as dr
 from denoiserep import DenoiseConfig, DenoiseHead
+from conftest import free_port
 
 
 def small_cnn():
@@ -223,11 +224,7 @@ def _ddp_worker(rank, world_size, port, result_file):
 
 
 def test_ddp_trains_denoisers_without_unused_parameter_errors_and_keeps_replicas_in_sync(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = tmp_path / "params.pt"
     mp.spawn(_ddp_worker, args=(2, port, str(result)), nprocs=2, join=True)
     replica0, replica1 = torch.load(result)
