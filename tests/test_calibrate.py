@@ -372,6 +372,16 @@ def test_a_failure_in_a_later_pass_restores_the_denoisers():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+def test_max_batches_stops_before_the_loader_reads_one_batch_more():
+    def two_then_broken():
+        yield torch.randn(2, 3, 6, 6)
+        yield torch.randn(2, 3, 6, 6)
+        raise AssertionError("a third batch was read")
+
+    report = dr.calibrate(converted_cnn(), two_then_broken(), max_batches=2, progress=False)
+    assert report.after.batches == 2
+
+
 def test_a_model_without_denoisers_and_a_one_shot_iterator_for_several_passes_are_refused():
     with pytest.raises(CalibrationError, match="no DenoiseRep denoisers"):
         dr.calibrate(cnn_with_batchnorm(), [torch.randn(2, 3, 6, 6)], progress=False)

@@ -343,8 +343,6 @@ def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None,
         # W′ does not change during a pass: compute each layer's once (parametrize's cache).
         with torch.no_grad(), parametrize.cached():
             for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None if progress else True):
-                if max_batches is not None and count >= max_batches:
-                    break
                 batch = to_device(batch, device)
                 try:
                     call_model(model, batch)
@@ -357,6 +355,8 @@ def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None,
                 except Exception as error:
                     raise CalibrationError(_rejected_message(count, batch, error)) from error
                 count += 1
+                if count == max_batches:
+                    break  # before the loader reads one batch more
     finally:
         for handle in handles:
             handle.remove()
@@ -551,6 +551,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     if layers_per_pass is not None and layers_per_pass < 1:
         raise ValueError(f"layers_per_pass must be >= 1 or None, got {layers_per_pass}")
     model = unwrap(model)
