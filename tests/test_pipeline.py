@@ -206,5 +206,5 @@ def test_denoiser_training_keeps_the_frozen_backbones_batchnorm_statistics():
             inputs, targets = batch
             return nn.functional.cross_entropy(model(inputs), targets), {}
 
-    train_one_epoch(model, [(x, y)] * 3, optimizer, CrossEntropy(None), settings, epoch=0, num_updates=0)
+    train_one_epoch(model, [(x, y)] * 3, optimizer, CrossEntropy(TrainConfig()), settings, epoch=0, num_updates=0)
     assert torch.equal(model[1].running_mean, stats)

@@ -51,7 +51,7 @@ def protocol_members() -> dict[str, object]:
 @pytest.mark.parametrize("name", list(TASKS))
 def test_every_registered_task_provides_the_whole_interface_with_its_signatures(name):
     cls = task_class(name)
-    for attribute in ("name", "primary_metric", "metric_label", "demo_defaults", "demo_note"):
+    for attribute in ("name", "primary_metric", "metric_label", "other_metrics", "demo_defaults", "demo_note"):
         assert hasattr(cls, attribute), f"{cls.__name__} lacks {attribute}"
     assert cls.name == name
     for member, spec in protocol_members().items():

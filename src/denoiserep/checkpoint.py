@@ -175,14 +175,35 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _align_prefix(state: dict, own_keys: list[str]) -> dict:
+    """``state`` with one leading prefix added or removed when that makes its keys the model's exactly."""
+    if not state or set(state) & set(own_keys):
+        return state
+    first = next(iter(state))
+    for own in own_keys:
+        if own.endswith(first) and own != first:  # the model's keys carry a prefix the file lacks
+            prefix = own[: -len(first)]
+            if {prefix + key for key in state} == set(own_keys):
+                return {prefix + key: value for key, value in state.items()}
+        if first.endswith(own):  # the file's keys carry a prefix the model lacks
+            prefix = first[: -len(own)]
+            if all(key.startswith(prefix) for key in state) and {k[len(prefix):] for k in state} == set(own_keys):
+                return {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
 def load_state_dict_checked(
     model: nn.Module,
     state: dict,
     path: str | os.PathLike,
     fix: str = "Build the same architecture (name and kwargs, e.g. num_classes) that the checkpoint was saved from.",
 ) -> None:
-    """``load_state_dict(strict=True)`` with an error that lists what differs and says ``fix``."""
+    """``load_state_dict(strict=True)`` with an error that lists what differs and says ``fix``.
+
+    A file of the same network saved with or without one wrapper prefix (``module.`` of DDP, ``net.``
+    of `SegmentationModel` around a torchvision / Hugging Face network) is matched up first."""
     own = model.state_dict()
+    state = _align_prefix(state, list(own))
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [

@@ -25,6 +25,9 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--model", "model", {"help": "any timm model name (default: the embedded dataset's model)"}),
     ("--model-kwargs", "model_kwargs", {"type": json.loads, "help": "JSON, e.g. '{\"img_size\": 32}'"}),
     ("--init", "init", {"help": "start the baseline from this checkpoint (.safetensors/.pth)"}),
+    ("--convert-scope", "convert_scope", {"help": "what DenoiseRep converts: backbone (default) or all"}),
+    ("--crop-size", "crop_size", {"type": int, "help": "segmentation: training crop / sliding window size"}),
+    ("--slide-stride", "slide_stride", {"type": int, "help": "segmentation: sliding-window evaluation stride"}),
     ("--epochs", "epochs", {"type": int, "help": "baseline epochs (0 with --init: evaluate only)"}),
     ("--extra-epochs", "extra_epochs", {"type": int, "help": "epochs of control / denoise / head"}),
     ("--batch-size", "batch_size", {"type": int, "help": "global batch (split across processes)"}),
@@ -34,6 +37,7 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--extra-lr", "extra_lr", {"type": float}),
     ("--weight-decay", "weight_decay", {"type": float}),
     ("--sched", "sched", {"help": "timm scheduler name"}),
+    ("--sched-decay-rate", "sched_decay_rate", {"type": float, "help": "the power of poly, the factor of step"}),
     ("--warmup-epochs", "warmup_epochs", {"type": int}),
     ("--label-smoothing", "label_smoothing", {"type": float}),
     ("--mixup", "mixup", {"type": float}),
@@ -231,7 +235,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(config_path)
     task = create_task(cfg)
     model = task.build_model()
-    apply_plan(model, ConversionState.from_dict(payload["conversion"]))
+    apply_plan(task.conversion_root(model), ConversionState.from_dict(payload["conversion"]))
     load_state_dict_checked(model, payload["model"], checkpoint)
     # Checked on real inputs: a wrong fusion must fail here, not in the user's deployment.
     batch = task.example_inputs(torch.device("cpu"), batch=cfg.eval_batch_size)

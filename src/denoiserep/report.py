@@ -21,6 +21,7 @@ class Row:
     fused_check: str = ""  # DenoiseRep rows: whether fused and unfused predictions agree
     noise_loss: list[float] = field(default_factory=list)  # DenoiseRep rows: L1 noise loss reached, per seed
     noise_loss_gap: list[float] = field(default_factory=list)  # its expected L2 minus the optimum, per seed
+    other_metrics: dict[str, list[float]] = field(default_factory=dict)  # the task's further columns, per seed
 
 
 def paired_delta(values: list[float], reference: list[float]) -> tuple[float, float]:
@@ -40,9 +41,11 @@ def format_table(rows: list[Row], metric_label: str, baseline: str = "baseline",
     by_name = {r.variant: r for r in rows}
     base, ctrl = by_name[baseline], by_name.get(control)
     multi = len(base.metric) > 1
+    others = list(base.other_metrics)
     header = ["variant", metric_label, "Δ vs baseline"]
     if multi and ctrl is not None:
         header.append("Δ vs control")
+    header += others
     header += ["noise loss (L1)", "L2 gap to optimum", "params", "FLOPs", "latency (ms/batch)", "latency ratio",
                "fused == unfused"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -51,6 +54,7 @@ def format_table(rows: list[Row], metric_label: str, baseline: str = "baseline",
         cells.append("—" if row is base else format_delta(row.metric, base.metric))
         if multi and ctrl is not None:
             cells.append("—" if row in (base, ctrl) else format_delta(row.metric, ctrl.metric))
+        cells += [format_mean_std(row.other_metrics[name]) for name in others]
         cells += [
             f"{statistics.fmean(row.noise_loss):.4f}" if row.noise_loss else "—",
             f"{statistics.fmean(row.noise_loss_gap):.4f}" if row.noise_loss_gap else "—",

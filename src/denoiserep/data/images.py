@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
@@ -33,6 +34,24 @@ def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
             f"cannot read image {path} ({type(error).__name__}: {error}). Remove or replace the file; for training "
             "data --skip-bad-images trains without it instead."
         ) from None
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """A segmentation mask's class indices (int64, H × W) from a palette ("P") or grey-level image."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("P", "L", "I", "I;16"):
+                raise UnreadableImageError(
+                    f"mask {path} is a {image.mode} image; masks must hold class indices (palette or grey-level "
+                    "PNG), not colours"
+                )
+            return np.asarray(image, dtype=np.int64).copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        if isinstance(error, UnreadableImageError):
+            raise
+        raise UnreadableImageError(f"cannot read mask {path} ({type(error).__name__}: {error}). Remove or replace "
+                                   "the file and its image.") from None
 
 
 class SkipUnreadable(Dataset):

@@ -9,6 +9,7 @@ import importlib
 TASKS = {
     "classification": "denoiserep.tasks.classification:ClassificationTask",
     "reid": "denoiserep.tasks.reid:ReidTask",
+    "segmentation": "denoiserep.tasks.segmentation:SegmentationTask",
 }
 
 

@@ -38,6 +38,7 @@ class Task(Protocol):
     name: ClassVar[str]  # the --task value
     primary_metric: ClassVar[str]  # the key of `evaluate`'s result that the tables report
     metric_label: ClassVar[str]  # that metric's column title
+    other_metrics: ClassVar[tuple[str, ...]]  # further keys of `evaluate`'s result shown as table columns
     demo_defaults: ClassVar[dict]  # TrainConfig fields of `denoiserep demo --task NAME` (embedded data)
     demo_note: ClassVar[str]  # printed before the demo runs ("" for none)
     cfg: TrainConfig
@@ -103,9 +104,14 @@ class TaskBase:
     """Defaults for the parts of `Task` most tasks share."""
 
     demo_note: ClassVar[str] = ""
+    other_metrics: ClassVar[tuple[str, ...]] = ()
+    convert_scopes: ClassVar[tuple[str, ...]] = ("backbone",)  # the --convert-scope values the task offers
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        if cfg.convert_scope not in self.convert_scopes:
+            raise ValueError(f"--convert-scope {cfg.convert_scope!r} is not available for the {self.name} task; "
+                             f"choose {' or '.join(self.convert_scopes)}")
 
     @staticmethod
     def conversion_root(model: nn.Module) -> nn.Module:

@@ -35,6 +35,9 @@ class TrainConfig:
     model: str | None = None  # any timm model; None = the embedded dataset's default
     model_kwargs: dict = field(default_factory=dict)
     init: str | None = None  # start the baseline from this checkpoint instead of training it
+    convert_scope: str = "backbone"  # what DenoiseRep converts: the backbone / encoder, or (where offered) "all"
+    crop_size: int | None = None  # segmentation: training crop and sliding-window size (default per data set)
+    slide_stride: int | None = None  # segmentation: evaluate with sliding windows this far apart (None: whole image)
     # baseline recipe
     epochs: int = 30
     batch_size: int = 64  # global batch, split across DDP ranks
@@ -43,6 +46,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     sched: str = "cosine"
+    sched_decay_rate: float = 0.1  # timm's decay_rate: the power of "poly", the factor of "step"
     warmup_epochs: int = 2
     label_smoothing: float = 0.0
     mixup: float = 0.0
@@ -88,7 +92,7 @@ class TrainConfig:
         if self.denoise_init not in DENOISE_INITS:
             raise ValueError(f"--denoise-init must be one of {', '.join(DENOISE_INITS)}, got {self.denoise_init!r}")
         for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps", "calibrate_batches",
-                     "image_size", "threads", "workers"):
+                     "image_size", "threads", "workers", "crop_size", "slide_stride"):
             value, lowest = getattr(self, name), 0 if name in ("epochs", "extra_epochs", "workers") else 1
             if value is not None and value < lowest:
                 raise ValueError(f"{name} must be {'≥ 0' if lowest == 0 else 'positive'}, got {value}")

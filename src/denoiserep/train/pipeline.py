@@ -102,6 +102,7 @@ def _rows(results, task, device: torch.device, repeats: int) -> list[Row]:
     rows = []
     for variant, model in models.items():
         metric = [results[s][variant].metrics[task.primary_metric] for s in results]
+        others = {name: [results[s][variant].metrics[name] for s in results] for name in task.other_metrics}
         noise = [results[s][variant].extra["noise_loss"]["end"] for s in results] \
             if first[variant].stage == "denoise" else []
         rows.append(Row(
@@ -115,6 +116,7 @@ def _rows(results, task, device: torch.device, repeats: int) -> list[Row]:
             if first[variant].stage == "denoise" else "",
             noise_loss=[report["l1"] for report in noise],
             noise_loss_gap=[report["l2_gap"] for report in noise],
+            other_metrics=others,
         ))
     return rows
 

@@ -183,7 +183,7 @@ class _StageRunner:
         if self.epochs > 0:
             scheduler, _ = create_scheduler_v2(
                 optimizer, sched=cfg.sched, num_epochs=self.epochs,
-                warmup_epochs=cfg.warmup_epochs if self.is_baseline else 0,
+                warmup_epochs=cfg.warmup_epochs if self.is_baseline else 0, decay_rate=cfg.sched_decay_rate,
                 updates_per_epoch=steps_per_epoch, warmup_lr=self.lr * 0.01 if self.is_baseline else None,
             )
         ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
@@ -336,7 +336,7 @@ class _StageRunner:
             "num_updates": num_updates,
             "history": history,
             "model": model.state_dict(),
-            "conversion": conversion_state(model).to_dict() if self.spec.stage == "denoise" else None,
+            "conversion": self._conversion(model) if self.spec.stage == "denoise" else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
@@ -346,9 +346,13 @@ class _StageRunner:
         }
         atomic_write(self.checkpoint_path, lambda tmp: torch.save(payload, tmp))
 
+    def _conversion(self, model: nn.Module) -> dict:
+        """The conversion plan, stored with the module it was applied to (the task's conversion root)."""
+        return conversion_state(self.task.conversion_root(unwrap(model))).to_dict()
+
     def _load_checkpoint(self, model, optimizer, scheduler, ema) -> tuple[int, int, list[dict]]:
         payload = load_torch_file(self.checkpoint_path, self.device)
-        if self.spec.stage == "denoise" and payload.get("conversion") != conversion_state(model).to_dict():
+        if self.spec.stage == "denoise" and payload.get("conversion") != self._conversion(model):
             raise ValueError(
                 f"{self.checkpoint_path} was converted with other DenoiseRep settings than this run's; resume "
                 "with the same config, or start a new --name"

@@ -1,0 +1,229 @@
+"""The segmentation task: every data layout (tiny generated fixtures), its bad input, the model
+families, DenoiseRep⁻, sliding windows, and short training runs that fuse exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import denoiserep as dr
+from denoiserep.cli import main
+from denoiserep.tasks.segmentation.data import IGNORE_INDEX, load_segmentation_data
+from denoiserep.tasks.segmentation.models import build_segmentation_model
+from denoiserep.tasks.segmentation.task import SegmentationTask, _slide
+from denoiserep.train.config import TrainConfig
+
+SIZE = (32, 40)  # H, W of every fixture image (SegFormer needs ≥ 32: its first stage reduces by 8 × 4)
+
+
+def write_pair(image_path, mask_path, labels: np.ndarray, palette: bool = False, seed: int = 0):
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (*labels.shape, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(image_path)
+    mask = Image.fromarray(labels.astype(np.uint8), mode="P" if palette else "L")
+    if palette:
+        mask.putpalette([v for i in range(256) for v in (i, 255 - i, i // 2)])
+    mask.save(mask_path)
+
+
+def stripes(num_classes: int, seed: int, first: int = 0) -> np.ndarray:
+    """A mask of horizontal bands of classes first … num_classes − 1 (plus an ignored corner)."""
+    rows = np.arange(SIZE[0])[:, None].repeat(SIZE[1], 1)
+    labels = first + (rows * (num_classes - first) // SIZE[0] + seed) % (num_classes - first)
+    labels[:2, :2] = IGNORE_INDEX
+    return labels
+
+
+def ade20k(root, count=4):
+    base = root / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        for i in range(count):
+            labels = stripes(151, i, first=0)  # 0 = "other", ignored after reduce_zero_label
+            labels[labels == IGNORE_INDEX] = 0
+            write_pair(base / "images" / split / f"ADE_{split}_{i:08d}.jpg",
+                       base / "annotations" / split / f"ADE_{split}_{i:08d}.png", labels, seed=i)
+    return root
+
+
+def cityscapes(root, count=4):
+    for split in ("train", "val"):
+        for i in range(count):
+            stem = f"aachen_{i:06d}_000019"
+            write_pair(root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png",
+                       root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelTrainIds.png", stripes(19, i), seed=i)
+    return root
+
+
+def voc(root, count=4):
+    base = root / "VOCdevkit" / "VOC2012"
+    (base / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split in ("train", "val"):
+        names = [f"2007_{split}{i:04d}" for i in range(count)]
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        for i, name in enumerate(names):
+            write_pair(base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClass" / f"{name}.png",
+                       stripes(21, i), palette=True, seed=i)
+    return root
+
+
+def folder(root, count=4, classes=("sky", "sea", "sand")):
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    for split in ("train", "val"):
+        for i in range(count):
+            write_pair(root / "images" / split / f"{i}.jpg", root / "masks" / split / f"{i}.png",
+                       stripes(len(classes), i), seed=i)
+    return root
+
+
+LAYOUTS = {"ade20k": (ade20k, 150), "cityscapes": (cityscapes, 19), "voc": (voc, 21), "folder": (folder, 3)}
+
+
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+def test_every_layout_reads_into_images_and_masks_with_its_classes(tmp_path, kind):
+    make, num_classes = LAYOUTS[kind]
+    data = load_segmentation_data(f"{kind}:{make(tmp_path / kind)}", crop_size=16)
+    assert data.num_classes == num_classes and len(data.train) == len(data.val) == 4
+    image, mask = data.val[1]
+    assert image.shape == (3, *SIZE) and image.dtype == torch.float32 and mask.shape == SIZE
+    assert mask.dtype == torch.int64 and mask[0, 0] == IGNORE_INDEX
+    labelled = mask[mask != IGNORE_INDEX]
+    assert labelled.min() >= 0 and labelled.max() < num_classes
+    crop_image, crop_mask = data.train[0]
+    assert crop_image.shape == (3, 16, 16) and crop_mask.shape == (16, 16)
+
+
+def test_ade20k_ignores_label_zero_and_shifts_the_others_down(tmp_path):
+    root = ade20k(tmp_path / "ade")
+    data = load_segmentation_data(f"ade20k:{root}")
+    raw = np.asarray(Image.open(sorted((root / "ADEChallengeData2016/annotations/validation").iterdir())[0]))
+    _, mask = data.val[0]
+    assert torch.equal(mask, torch.from_numpy(np.where(raw == 0, IGNORE_INDEX, raw.astype(np.int64) - 1)))
+
+
+def test_the_training_crop_pads_small_images_with_the_ignore_index(tmp_path):
+    data = load_segmentation_data(f"folder:{folder(tmp_path / 'f')}", crop_size=2048)
+    torch.manual_seed(0)
+    _, mask = data.train[0]
+    assert mask.shape == (2048, 2048) and (mask == IGNORE_INDEX).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("mask_size", "every mask must match its image"),
+    ("labels", r"holds label values \[7\]"),
+    ("missing", "has no annotation"),
+    ("empty", "split has no images"),
+    ("corrupt", "cannot read image"),
+])
+def test_bad_files_name_the_file_and_the_fix(tmp_path, breakage, message):
+    root = folder(tmp_path / "f")
+    val_image, val_mask = root / "images" / "val" / "0.jpg", root / "masks" / "val" / "0.png"
+    if breakage == "mask_size":
+        Image.fromarray(np.zeros((5, 5), np.uint8)).save(val_mask)
+    elif breakage == "labels":
+        Image.fromarray(np.full(SIZE, 7, np.uint8)).save(val_mask)
+    elif breakage == "missing":
+        val_mask.unlink()
+    elif breakage == "empty":
+        for path in (root / "images" / "val").iterdir():
+            path.unlink()
+    elif breakage == "corrupt":
+        val_image.write_bytes(b"not a jpeg")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        data = load_segmentation_data(f"folder:{root}")
+        data.val[0]
+
+
+def test_unknown_specs_and_models_list_what_exists(tmp_path):
+    with pytest.raises(ValueError, match="digit-scenes \\| ade20k:PATH"):
+        load_segmentation_data("coco:/data")
+    with pytest.raises(ValueError, match="fcn_resnet50.*segformer_mit_b0"):
+        build_segmentation_model("unet", 3)
+
+
+# -- models ------------------------------------------------------------------------------------------
+
+
+FAMILIES = {
+    "fcn_resnet50": {"aux_loss": True},
+    "lraspp_mobilenet_v3_large": {},
+    "segformer_mit_b0": {},
+    "fcn:resnet18": {},
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_gives_input_resolution_logits_and_takes_a_denoise_minus_head(name):
+    torch.manual_seed(0)
+    model = build_segmentation_model(name, 5, **FAMILIES[name])
+    x = torch.randn(2, 3, 32, 40)
+    model.train()
+    outputs = model(x)
+    assert outputs["out"].shape == (2, 5, 32, 40)
+    assert ("aux" in outputs) == bool(FAMILIES[name].get("aux_loss"))
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+    before = sum(p.numel() for p in model.parameters())
+    head = dr.DenoiseHead(SegmentationTask.feature_dim(model), steps=2)
+    SegmentationTask.wrap_with_head(model, head)
+    assert sum(p.numel() for p in model.parameters()) == before + sum(p.numel() for p in head.parameters())
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    with torch.no_grad():
+        headed = model(x)
+    assert calls and calls[0][-1] == SegmentationTask.feature_dim(model)  # per pixel of the encoder's map
+    assert headed.shape == plain.shape and not torch.equal(headed, plain)
+
+
+def test_a_checkpoint_of_the_bare_network_loads_into_the_wrapper(tmp_path):
+    from denoiserep.checkpoint import load_state_dict_checked
+
+    source = build_segmentation_model("fcn:resnet18", 4)
+    target = build_segmentation_model("fcn:resnet18", 4)
+    load_state_dict_checked(target, source.net.state_dict(), "bare.pth")  # e.g. torchvision's or HF's keys
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+    ddp = {f"module.{key}": value for key, value in source.state_dict().items()}  # saved from a DDP wrapper
+    load_state_dict_checked(build_segmentation_model("fcn:resnet18", 4), ddp, "ddp.pth")
+
+
+def test_sliding_windows_cover_the_image_and_equal_the_whole_image_for_a_pointwise_model():
+    model = nn.Conv2d(3, 4, 1).eval()
+    x = torch.randn(1, 3, 50, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(_slide(model, x, crop=16, stride=11, num_classes=4), model(x))
+        torch.testing.assert_close(_slide(model, x, crop=64, stride=32, num_classes=4), model(x))
+
+
+# -- short runs: train, convert, calibrate, fuse --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, scope", [("fcn_resnet50", "backbone"), ("segformer_mit_b0", "all")])
+def test_two_iterations_of_training_then_denoise_and_fuse_with_identical_argmax_maps(tmp_path, name, scope):
+    root = folder(tmp_path / "data")
+    args = ["train", "--task", "segmentation", "--data", f"folder:{root}", "--model", name, "--epochs", "1",
+            "--extra-epochs", "1", "--batch-size", "2", "--crop-size", "32", "--warmup-epochs", "0",
+            "--convert-scope", scope, "--output", str(tmp_path / "runs"), "--stage", "baseline", "denoise",
+            "--lambda", "0.5"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "runs" / "run" / "denoiserep" / "result.json").read_text())
+    assert len(result["history"]) == 1 and result["extra"]["pixel_changes"] == 0
+    assert set(result["metrics"]) == {"mIoU", "aAcc", "mAcc", "mBIoU"}
+    calibration = result["extra"]["noise_loss"]["calibration"]  # on the training crops it was fitted to
+    assert calibration["train_l2_after"] == pytest.approx(calibration["train_l2_optimum"], rel=1e-3)
+    assert calibration["train_l2_after"] < calibration["train_l2_before"]
+
+
+def test_the_convert_scope_chooses_the_encoder_or_everything(tmp_path):
+    cfg = TrainConfig(task="segmentation", data=f"folder:{folder(tmp_path / 'f')}", model="fcn:resnet18")
+    task = SegmentationTask(cfg)
+    model = task.build_model()
+    assert task.conversion_root(model) is model.encoder
+    with pytest.raises(ValueError, match="--convert-scope 'neck' is not available for the segmentation task"):
+        SegmentationTask(TrainConfig(task="segmentation", data=cfg.data, convert_scope="neck"))
