@@ -101,3 +101,19 @@ class DenoiseHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, steps={self.steps}"
+
+
+class PerPositionHead(nn.Module):
+    """DenoiseRep⁻ for dense outputs: ``head`` on every position — every pixel of a feature map
+    (B, C, H, W), every token of (B, N, C), every row of (N, C) such as RoI features."""
+
+    def __init__(self, head: DenoiseHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            return self.head(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        b, c, h, w = x.shape
+        rows = self.head(x.permute(0, 2, 3, 1).reshape(-1, c))
+        return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)

@@ -20,25 +20,10 @@ from torch import nn
 
 import denoiserep as dr
 from denoiserep.config import DenoiseConfig
+from denoiserep.head import PerPositionHead
 from denoiserep.tasks.classification import ClassificationTask
 
 from .settings import Settings
-
-
-class PerLocationHead(nn.Module):
-    """DenoiseRep⁻ for dense models: the head denoises every RoI feature (N, C) or every
-    pixel of a feature map (B, C, H, W), since there is no single feature vector per image."""
-
-    def __init__(self, head: dr.DenoiseHead):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 2:
-            return self.head(x)
-        b, c, h, w = x.shape
-        rows = self.head(x.permute(0, 2, 3, 1).reshape(-1, c))
-        return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def _classifier_minus(baseline: nn.Module, steps: int) -> nn.Module:
@@ -51,7 +36,7 @@ def _detector_minus(baseline: nn.Module, steps: int) -> nn.Module:
     """The head on each RoI's box-head feature (1024-d), before the box predictor."""
     model = copy.deepcopy(baseline)
     box_head = model.roi_heads.box_head
-    head = PerLocationHead(dr.DenoiseHead(box_head.fc7.out_features, steps=steps))
+    head = PerPositionHead(dr.DenoiseHead(box_head.fc7.out_features, steps=steps))
     model.roi_heads.box_head = nn.Sequential(box_head, head)
     return model
 
@@ -59,7 +44,7 @@ def _detector_minus(baseline: nn.Module, steps: int) -> nn.Module:
 def _segmenter_minus(baseline: nn.Module, steps: int) -> nn.Module:
     """The head on each pixel of the backbone's output map (2048-d), before the FCN head."""
     model = copy.deepcopy(baseline)
-    head = PerLocationHead(dr.DenoiseHead(model.classifier[0].in_channels, steps=steps))
+    head = PerPositionHead(dr.DenoiseHead(model.classifier[0].in_channels, steps=steps))
     model.classifier = nn.Sequential(head, model.classifier)
     return model
 

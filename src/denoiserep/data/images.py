@@ -24,12 +24,16 @@ class UnreadableImageError(ValueError):
     """An image file that PIL cannot decode (truncated, corrupt, or not an image)."""
 
 
+# What PIL raises for a file it cannot decode (truncated, corrupt, not an image, too large).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def read_image(path: str | Path, mode: str = "RGB") -> Image.Image:
     """The decoded image in ``mode``, or an `UnreadableImageError` naming the file and the fix."""
     try:
         with Image.open(path) as image:
             return image.convert(mode)  # decodes the whole file: truncation shows here, not mid-epoch
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except _DECODE_ERRORS as error:
         raise UnreadableImageError(
             f"cannot read image {path} ({type(error).__name__}: {error}). Remove or replace the file; for training "
             "data --skip-bad-images trains without it instead."
@@ -41,17 +45,14 @@ def read_label_map(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode not in ("P", "L", "I", "I;16"):
-                raise UnreadableImageError(
-                    f"mask {path} is a {image.mode} image; masks must hold class indices (palette or grey-level "
-                    "PNG), not colours"
-                )
-            return np.asarray(image, dtype=np.int64).copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        if isinstance(error, UnreadableImageError):
-            raise
+            mode, labels = image.mode, np.asarray(image, dtype=np.int64).copy()
+    except _DECODE_ERRORS as error:
         raise UnreadableImageError(f"cannot read mask {path} ({type(error).__name__}: {error}). Remove or replace "
                                    "the file and its image.") from None
+    if mode not in ("P", "L", "I", "I;16"):
+        raise UnreadableImageError(f"mask {path} is a {mode} image; masks must hold class indices (palette or "
+                                   "grey-level PNG), not colours")
+    return labels
 
 
 class SkipUnreadable(Dataset):

@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
-from ...head import DenoiseHead
+from ...head import DenoiseHead, PerPositionHead
 
 TORCHVISION_MODELS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
                       "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
@@ -39,21 +39,6 @@ SEGFORMER_CONFIGS = {
     "segformer_mit_b5": {"hidden_sizes": [64, 128, 320, 512], "depths": [3, 6, 40, 3], "decoder_hidden_size": 768},
 }
 AUX_LOSS_WEIGHT = 0.4  # mmseg's FCN / DeepLabV3 configs
-
-
-class PerPixelHead(nn.Module):
-    """A `DenoiseHead` applied to every position of a feature map (B, C, H, W) or token list (B, N, C)."""
-
-    def __init__(self, head: DenoiseHead):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 3:
-            return self.head(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-        b, c, h, w = x.shape
-        rows = self.head(x.permute(0, 2, 3, 1).reshape(-1, c))
-        return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class _TimmFeatures(nn.Module):
@@ -98,7 +83,7 @@ class SegmentationModel(nn.Module):
 
     def attach_head(self, head: DenoiseHead) -> None:
         """DenoiseRep⁻: denoise every pixel of the encoder's output map before the decoder sees it."""
-        self.denoise_head = PerPixelHead(head)
+        self.denoise_head = PerPositionHead(head)
         module, key = self._encoder_output()
         module.register_forward_hook(_replace_output(self, key))
 
