@@ -49,7 +49,7 @@ def test_quick_mode_writes_the_expected_tables(tmp_path):
     assert float(variants["converted (unfused)"]["GFLOPs"]) > float(variants["baseline"]["GFLOPs"])
     assert float(variants["baseline"]["ratio to baseline"]) == 1.0
 
-    phases = table_rows(text, "| model | phase |")
+    phases = table_rows(text, "| model | batch | phase |")
     assert [row["phase"] for row in phases] == [v.label for v in training.TRAIN_VARIANTS]
     assert all(int(row["peak memory (MiB)"]) > 0 for row in phases), "peak memory must be measured"
     assert "Fused FLOPs equal the baseline's" in text
@@ -122,12 +122,16 @@ def test_sections_not_run_are_kept_from_the_previous_file(tmp_path):
         "# Benchmarks\n\n## Machine and command\n\nold machine\n\n## 2. Training cost\n\nold training\n\n"
         "## 3. Accuracy (5 seeds)\n\n### digits\n\nold accuracy\n\n## GPU\n\nold gpu\n", encoding="utf-8")
     kept = bench.existing_sections(previous)
-    assert set(kept) == {"training", "accuracy"}
+    assert set(kept) == {"training", "accuracy", "gpu"}
     text = bench.run(Settings(quick=True), sections=(), kept=kept)
     assert "## 2. Training cost\n\nold training\n" in text
     assert "## 3. Accuracy (5 seeds)\n\n### digits\n\nold accuracy\n" in text
-    assert "## 1. Inference cost\n\nNot run" in text and "old machine" not in text and "old gpu" not in text
+    assert "## 1. Inference cost\n\nNot run" in text and "old machine" not in text
     assert "| sections kept from the previous file | training, accuracy |" in text
+    # GPU numbers pasted from benchmarks/gpu.sh outlive CPU runs; a section that measured nothing does not.
+    assert text.endswith("## GPU\n\nold gpu\n")
+    previous.write_text("# Benchmarks\n\n## GPU\n\nNot measured in this run (no GPU).\n", encoding="utf-8")
+    assert "gpu" not in bench.existing_sections(previous)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error path")

@@ -20,7 +20,7 @@ from denoiserep.tasks.base import Task, TaskBase
 from denoiserep.train.config import TrainConfig
 from denoiserep.train.distributed import GlobalBatchSampler, all_reduce_sum
 
-CORE_MODULES = ["schedule", "config", "layers", "convert", "fuse", "head", "checkpoint", "calibrate"]
+CORE_MODULES = ["schedule", "config", "noise_loss", "layers", "convert", "fuse", "head", "checkpoint", "calibrate"]
 
 
 def modules_loaded_by(statement: str) -> set[str]:

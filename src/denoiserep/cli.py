@@ -67,6 +67,8 @@ _DENOISE_FLAGS: list[tuple[str, str, dict]] = [
     ("--rank", "rank", {"type": int}),
     ("--loss", "loss", {"choices": ["l1", "l2", "l1+l2"]}),
     ("--loss-token-fraction", "loss_token_fraction", {"type": float}),
+    ("--loss-estimator", "loss_estimator", {"choices": ["expected", "sampled"]}),
+    ("--training-path", "training_path", {"choices": ["auto", "weight", "input"]}),
     ("--target-modules", "target_modules", {"nargs": "+"}),
     ("--exclude-modules", "exclude_modules", {"nargs": "+"}),
 ]

@@ -7,7 +7,10 @@ from typing import Sequence
 
 from torch import nn
 
+from .noise_loss import ESTIMATORS
 from .schedule import SCHEDULES, NoiseSchedule, make_schedule
+
+PATHS = ("auto", "weight", "input")  # LayerDenoiser's training paths
 
 # The layer types a denoiser can be fused into exactly (all are affine in their input).
 SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,6 +60,16 @@ class DenoiseConfig:
         elements, and the model's loss is the sum over layers.
         ``loss_token_fraction``: estimate each layer's noise loss on this random fraction of
         the input positions (tokens or pixels); 1.0 uses all of them.
+        ``loss_estimator``: ``"sampled"`` (default, the paper's) draws one ε per position;
+        ``"expected"`` takes the loss's exact expectation over ε (closed form, `denoiserep.noise_loss`):
+        the same objective with a noise-free gradient. With ``loss="l2"`` it is the cheapest label-aug
+        step in multiply-adds and memory (BENCHMARKS.md §2); for L1 it costs as many multiply-adds
+        as sampling, and more kernel launches on a GPU.
+
+    Training path
+        ``training_path``: how a training forward reaches A: ``"weight"`` forms W′ each forward,
+        ``"input"`` denoises the layer's input (full-rank, expected estimator); ``"auto"`` takes the
+        cheaper per call (fewer multiply-adds at that batch). Both are exact; eval always uses W′.
     """
 
     layer_types: Sequence[type[nn.Module] | str] = SUPPORTED_LAYER_TYPES
@@ -77,6 +90,8 @@ class DenoiseConfig:
     noise_seed: int = 0
     loss: str = "l1"
     loss_token_fraction: float = 1.0
+    loss_estimator: str = "sampled"
+    training_path: str = "auto"
 
     def __post_init__(self) -> None:
         self.layer_types = tuple(_resolve_type(t) for t in self.layer_types)
@@ -92,6 +107,13 @@ class DenoiseConfig:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_TYPES)}")
         if not 0.0 < self.loss_token_fraction <= 1.0:
             raise ValueError(f"loss_token_fraction must be in (0, 1], got {self.loss_token_fraction}")
+        if self.loss_estimator not in ESTIMATORS:
+            raise ValueError(f"unknown loss_estimator {self.loss_estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.training_path not in PATHS:
+            raise ValueError(f"unknown training_path {self.training_path!r}; choose one of {', '.join(PATHS)}")
+        if self.training_path == "input" and (self.denoiser != "full" or self.loss_estimator != "expected"):
+            raise ValueError("training_path 'input' needs denoiser 'full' and loss_estimator 'expected' "
+                             "(it computes the expected noise loss from the layer's own A x); use 'auto' or 'weight'")
         if self.timestep_range is not None:
             lo, hi = self.timestep_range
             if not 1 <= lo <= hi <= self.num_timesteps:

@@ -103,6 +103,8 @@ def apply_plan(model: nn.Module, state: ConversionState) -> nn.Module:
             noise_seed=config.noise_seed + index,
             loss=config.loss,
             loss_token_fraction=config.loss_token_fraction,
+            estimator=config.loss_estimator,
+            path=config.training_path,
         )
         denoiser.following_norm = layer_plan.following_norm
         attach(layer, denoiser)

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import noise_prediction_loss
+from .noise_loss import noise_prediction_loss
 from .schedule import make_schedule
 
 

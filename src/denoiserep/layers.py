@@ -12,6 +12,12 @@ channels at a fixed timestep ``t``::
 layer's ``weight`` (so ``layer.weight`` *is* W′ and the task path trains A through it), and
 two hooks on the layer add the bias shift and accumulate the noise-prediction loss.
 
+Two exact ways to train through a layer (``path``), chosen per call by their cost when ``"auto"``:
+"weight" forms W′ (out · k · d² multiply-adds, forward and backward again, whatever the batch);
+"input" denoises the input instead, X ↦ c3 X − c1 A X, and runs the layer on W (M · d² for M
+input positions, twice more backward) — and then the noise loss reuses that same A X. Outside
+training, and when only the noise loss trains (`noise_loss_only`), it is always "weight".
+
 Convolutions: the denoiser is applied pointwise to the **padded** input ("pad, then denoise").
 For reflect/replicate/circular padding this equals "denoise, then pad"; for zero padding it
 is the only exactly fusable choice (the constant term then also lands on padded pixels and
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .noise_loss import SharedProduct, expected_l2_from_gram, expected_loss, noise_prediction_loss, residual_variance
 from .schedule import StepCoefficients
 
 
@@ -47,6 +54,8 @@ class LayerDenoiser(nn.Module):
         noise_seed: int = 0,
         loss: str = "l1",
         loss_token_fraction: float = 1.0,
+        estimator: str = "sampled",
+        path: str = "auto",
     ):
         super().__init__()
         is_linear = isinstance(layer, nn.Linear)
@@ -63,6 +72,11 @@ class LayerDenoiser(nn.Module):
         self.form = form
         self.loss_type = loss
         self.loss_token_fraction = loss_token_fraction
+        self.estimator = estimator
+        self.path = path
+        # True only inside this layer's own forward call when the input path runs: the layer then
+        # reads W, since its input is already denoised. Any other read of ``layer.weight`` gets W′.
+        self._input_path_call = False
         self.following_norm: str | None = None  # set by convert(): a BatchNorm fed by this layer
         self._pending_losses: list[torch.Tensor] = []
         self._warned_uncollected = False
@@ -139,6 +153,8 @@ class LayerDenoiser(nn.Module):
         low-rank form never builds the dense d × d matrix: W′ = W diag(c3 − c1 a) − c1 (W U) V.
         `fuse` calls this same function, so fused weights are the ones the training forward used.
         """
+        if self._input_path_call:
+            return weight
         with torch.no_grad() if self.noise_loss_only else contextlib.nullcontext():
             return self._fused_weight(weight)
 
@@ -169,18 +185,74 @@ class LayerDenoiser(nn.Module):
         return x.detach().movedim(channel_axis, -1).reshape(-1, self.channels)
 
     def noise_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """``|ε − D(√ᾱ x + √(1−ᾱ) ε)|`` on the layer's detached input, at this layer's t."""
-        rows = self.input_rows(x).to(self.a.dtype)
-        if self.loss_token_fraction < 1.0:
-            # The loss is an expectation over positions: a random subset estimates it unbiasedly.
-            keep = max(1, int(rows.shape[0] * self.loss_token_fraction))
-            rows = rows[torch.randint(rows.shape[0], (keep,), device=rows.device)]
+        """``|ε − D(√ᾱ x + √(1−ᾱ) ε)|`` on the layer's detached input, at this layer's t: one ε per
+        position (``estimator="sampled"``) or its exact expectation over ε (``"expected"``)."""
+        rows = self._loss_rows(self.input_rows(x).to(self.a.dtype))
+        s, r = self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar
+        if self.estimator == "expected":
+            if self.form == "full" and self.loss_type == "l2" and self.group_channels < rows.shape[0]:
+                return expected_l2_from_gram(rows, self.A, self.constant(), s, r)
+            mean = torch.add(self.constant(), self.apply_matrix(rows), alpha=s)  # the residual's mean, negated
+            return expected_loss(mean, residual_variance(self.matrix(), r), self.loss_type)
         eps = torch.randn_like(rows)
-        noisy = self.sqrt_alpha_bar * rows + self.sqrt_one_minus_alpha_bar * eps
+        noisy = s * rows + r * eps
         # A (x + e) + a with A applied to the rows and to e separately: the constant A e + a is
         # then one vector, and no (rows × channels) sum is materialised for autograd.
         predicted = self.apply_matrix(noisy) + self.constant()
         return noise_prediction_loss(predicted.float(), eps.float(), self.loss_type)
+
+    def _loss_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.loss_token_fraction < 1.0:
+            # The loss is an expectation over positions: a random subset estimates it unbiasedly.
+            keep = max(1, int(rows.shape[0] * self.loss_token_fraction))
+            rows = rows[torch.randint(rows.shape[0], (keep,), device=rows.device)]
+        return rows
+
+    # -- the input path -------------------------------------------------------------------
+    def prefers_input_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether denoising this call's input costs fewer multiply-adds than forming W′ (both with
+        their backward and the expected noise loss). The input path needs the full-rank A and the
+        expected estimator, whose loss it computes from the task path's own A x."""
+        if self.path == "weight" or self.form != "full" or self.estimator != "expected":
+            return False
+        if self.path == "input":
+            return True
+        g, d = self.groups, self.group_channels
+        positions = x.numel() // self.channels
+        loss_positions = positions * self.loss_token_fraction
+        weight_path = 2 * weight.shape[0] * weight[0, 0].numel() * d * d
+        if self.loss_type == "l2" and d < loss_positions:
+            weight_path += g * (loss_positions * d * d + d**3)  # Gram + A S
+        else:
+            weight_path += 2 * g * loss_positions * d * d  # A x and its backward
+        input_path = (3 if x.requires_grad else 2) * g * positions * d * d
+        return input_path < weight_path
+
+    def denoise_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input path: ``c3 x − c1 A x`` (the bias shift is added after the layer, as in the
+        weight path), and the expected noise loss from the same ``A x``, queued for `denoise_loss`."""
+        channel_axis = x.ndim - 1 - self.spatial_dims
+        channels_last = x.movedim(channel_axis, -1)
+        rows = channels_last.reshape(-1, self.groups, self.group_channels).to(self.A.dtype)
+        product, detached_product = SharedProduct.apply(rows, self.A)
+        denoised = (self.c3 * rows - self.c1 * product).to(x.dtype)
+        s, r = self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar
+        mean = torch.add(self.constant(), self._loss_rows(detached_product.reshape(-1, self.channels)), alpha=s)
+        self._queue_loss(expected_loss(mean, residual_variance(self.A, r), self.loss_type))
+        return denoised.reshape(channels_last.shape).movedim(-1, channel_axis)
+
+    def _queue_loss(self, loss: torch.Tensor) -> None:
+        if len(self._pending_losses) >= MAX_PENDING_LOSSES:
+            self._pending_losses.pop(0)
+            if not self._warned_uncollected:
+                warnings.warn(
+                    f"{MAX_PENDING_LOSSES} training forwards ran without denoiserep.denoise_loss(model) being "
+                    "called; the oldest noise losses are being dropped. Call denoise_loss(model) after each "
+                    "forward (or put the model in eval mode / freeze the denoisers when not training them).",
+                    stacklevel=3,
+                )
+                self._warned_uncollected = True
+        self._pending_losses.append(loss)
 
     def pop_losses(self) -> list[torch.Tensor]:
         losses, self._pending_losses = self._pending_losses, []
@@ -202,16 +274,6 @@ def _weight_from_rows(rows: torch.Tensor, shape: torch.Size, groups: int) -> tor
     out, d = shape[0], shape[1]
     per_group = rows.reshape(groups, out // groups, -1, d)
     return per_group.transpose(2, 3).reshape(shape)
-
-
-def noise_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, loss_type: str) -> torch.Tensor:
-    if loss_type == "l1":
-        return F.l1_loss(predicted, target)
-    if loss_type == "l2":
-        return F.mse_loss(predicted, target)
-    if loss_type == "l1+l2":
-        return F.l1_loss(predicted, target) + F.mse_loss(predicted, target)
-    raise ValueError(f"unknown loss {loss_type!r}; choose 'l1', 'l2' or 'l1+l2'")
 
 
 def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -251,26 +313,28 @@ def denoiser_of(layer: nn.Module) -> LayerDenoiser | None:
 MAX_PENDING_LOSSES = 64
 
 
-def denoise_pre_hook(layer: nn.Module, args: tuple) -> None:
-    """Accumulate the noise loss while the denoiser trains (train mode, grads on)."""
+def denoise_pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
+    """While the denoiser trains (train mode, grads on): queue the noise loss, and on the input
+    path hand the layer its denoised input."""
     denoiser = denoiser_of(layer)
-    if denoiser.training and torch.is_grad_enabled() and any(p.requires_grad for p in denoiser.parameters()):
-        if len(denoiser._pending_losses) >= MAX_PENDING_LOSSES:
-            denoiser._pending_losses.pop(0)
-            if not denoiser._warned_uncollected:
-                warnings.warn(
-                    f"{MAX_PENDING_LOSSES} training forwards ran without denoiserep.denoise_loss(model) being "
-                    "called; the oldest noise losses are being dropped. Call denoise_loss(model) after each "
-                    "forward (or put the model in eval mode / freeze the denoisers when not training them).",
-                    stacklevel=2,
-                )
-                denoiser._warned_uncollected = True
-        denoiser._pending_losses.append(denoiser.noise_loss(args[0]))
+    if not (denoiser.training and torch.is_grad_enabled() and any(p.requires_grad for p in denoiser.parameters())):
+        return None
+    x = args[0]
+    if not denoiser.noise_loss_only and denoiser.prefers_input_path(x, layer.parametrizations.weight.original):
+        denoised = denoiser.denoise_input(x)
+        denoiser._input_path_call = True
+        return (denoised, *args[1:])
+    denoiser._queue_loss(denoiser.noise_loss(x))
+    return None
 
 
-def bias_shift_hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Add the denoiser's constant term; ``W′`` already came from the parametrization."""
+def bias_shift_hook(layer: nn.Module, args: tuple, output: torch.Tensor | None) -> torch.Tensor | None:
+    """Add the denoiser's constant term; ``W′`` (or the denoised input) did the rest. Runs even when
+    the layer's forward raised (``output`` is then None), to end an input-path call."""
     denoiser = denoiser_of(layer)
+    denoiser._input_path_call = False
+    if output is None:
+        return None
     with torch.no_grad() if denoiser.noise_loss_only else contextlib.nullcontext():
         shift = denoiser.bias_shift(layer.parametrizations.weight.original)
     return output + shift.reshape(-1, *([1] * denoiser.spatial_dims)).to(output.dtype)
@@ -280,7 +344,7 @@ def attach(layer: nn.Module, denoiser: LayerDenoiser) -> None:
     """Make ``layer`` compute the denoised path (train) / the fused-equivalent path (eval)."""
     torch.nn.utils.parametrize.register_parametrization(layer, "weight", denoiser)
     layer.register_forward_pre_hook(denoise_pre_hook)
-    layer.register_forward_hook(bias_shift_hook)
+    layer.register_forward_hook(bias_shift_hook, always_call=True)
 
 
 def detach(layer: nn.Module) -> None:
@@ -288,3 +352,4 @@ def detach(layer: nn.Module) -> None:
     for hooks, hook in ((layer._forward_pre_hooks, denoise_pre_hook), (layer._forward_hooks, bias_shift_hook)):
         for key in [k for k, fn in hooks.items() if fn is hook]:
             del hooks[key]
+            layer._forward_hooks_always_called.pop(key, None)

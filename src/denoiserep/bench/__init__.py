@@ -2,7 +2,7 @@
 
     python -m denoiserep.bench                       # full CPU run, rewrites BENCHMARKS.md
     python -m denoiserep.bench --quick --output /tmp/b.md
-    python -m denoiserep.bench --device cuda --dtype bf16 --batch 32 --output BENCHMARKS_GPU.md
+    bash benchmarks/gpu.sh                           # CUDA checks + sections 1, 2, 4 -> BENCHMARKS_GPU.md
 
 Sections, one module each: ``inference`` (params, FLOPs and latency of baseline / converted /
 fused / DenoiseRep⁻), ``training`` (step time, peak memory and parameter count of the denoiser
@@ -40,6 +40,7 @@ from .settings import Settings, apply_threads, clock_for, settings_from_args
 from .tables import table
 
 SECTIONS = ("inference", "training", "accuracy", "calibration")
+GPU_TITLE = "## GPU"
 SECTION_TITLES = {"inference": "## 1. Inference cost", "training": "## 2. Training cost", "accuracy": "## 3. Accuracy",
                   "calibration": "## 4. Calibration"}
 
@@ -68,7 +69,8 @@ def machine_markdown(settings: Settings, argv: Sequence[str], minutes: dict[str,
                 f"{torch.backends.cpu.get_cpu_capability()}, {ram:.0f} GiB RAM"),
         ("versions", f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
                      f"torchvision {torchvision.__version__}, denoiserep {dr.__version__}"),
-        ("precision / batch", f"{settings.dtype}; inference batch {settings.infer_batch}, training batch {settings.train_batch}"),
+        ("precision / batch", f"{settings.dtype}; inference batch {settings.infer_batch}, training batch "
+                               f"{', '.join(map(str, (settings.train_batch, *settings.scaling_batches)))}"),
         ("load average (1 min) at start / end", f"{load[0]:.2f} / {load[1]:.2f} (other jobs share this machine)"),
         ("wall time per section", ", ".join(f"{k} {v:.1f} min" for k, v in minutes.items()) or "—"),
         ("date (UTC)", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")),
@@ -84,7 +86,13 @@ def existing_sections(path: Path) -> dict[str, str]:
         return {}
     chunks = re.split(r"(?m)^(?=## )", path.read_text(encoding="utf-8"))
     numbered = {title.split(".")[0]: name for name, title in SECTION_TITLES.items()}
-    return {numbered[c.split(".")[0]]: c.rstrip() + "\n" for c in chunks if c.split(".")[0] in numbered}
+    sections = {numbered[c.split(".")[0]]: c.rstrip() + "\n" for c in chunks if c.split(".")[0] in numbered}
+    # The GPU section of a CPU run's file holds numbers pasted from `benchmarks/gpu.sh` (a GPU is not
+    # always at hand): kept unless it only says that nothing was measured.
+    gpu = next((c for c in chunks if c.startswith(GPU_TITLE + "\n")), None)
+    if gpu and not gpu[len(GPU_TITLE):].lstrip().startswith("Not measured"):
+        sections["gpu"] = gpu.rstrip() + "\n"
+    return sections
 
 
 def render(settings: Settings, argv: Sequence[str], parts: dict[str, str], minutes: dict[str, float],
@@ -104,8 +112,11 @@ def render(settings: Settings, argv: Sequence[str], parts: dict[str, str], minut
             out.append(kept[section])
         else:
             out.append(f"{SECTION_TITLES[section]}\n\nNot run (not in `--sections`).\n")
-    out.append("## GPU\n")
-    out.append(gpu_markdown(settings))
+    if settings.device != "cuda" and "gpu" in kept:
+        out.append(kept["gpu"])
+    else:
+        out.append(f"{GPU_TITLE}\n")
+        out.append(gpu_markdown(settings))
     return "\n".join(out)
 
 
@@ -113,8 +124,8 @@ def gpu_markdown(settings: Settings) -> str:
     if settings.device == "cuda":
         return f"Measured on {torch.cuda.get_device_name()} (this file).\n"
     state = "a CUDA device was available but not used" if torch.cuda.is_available() else "this machine has no CUDA device"
-    return (f"Not measured in this run ({state}). On a CUDA machine, `bash benchmarks/gpu.sh` runs sections 1–2 "
-            "with CUDA-event timing, bf16 autocast and batch 32, and writes `BENCHMARKS_GPU.md`.\n")
+    return (f"Not measured in this run ({state}). On a CUDA machine, `bash benchmarks/gpu.sh` runs the CUDA "
+            "checks and sections 1, 2 and 4 with CUDA-event timing and bf16 autocast, and writes `BENCHMARKS_GPU.md`.\n")
 
 
 # -- entry point ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from denoiserep.config import DenoiseConfig
 from denoiserep.fuse import eval_outputs, max_relative_error
 from denoiserep.timing import Timing, forward_flops, time_interleaved
 
-from .models import ModelSpec, benchmark_config, convert_quietly, count_params, inference_specs
+from .models import DETECTION, ModelSpec, benchmark_config, convert_quietly, count_params, inference_specs
 from .settings import DENOISE_MINUS_SWEEP, Settings, autocast, clock_for
 from .tables import ci_text, met, millions, table, verdict
 
@@ -86,6 +86,8 @@ class InferenceResult:
     conversions: list[ConversionInfo] = field(default_factory=list)
     rows: list[VariantRow] = field(default_factory=list)
     matched: dict[str, int] = field(default_factory=dict)
+    # Detectors whose fused FLOPs differ from the baseline's: relative difference (see benchmark_model).
+    proposal_flops: dict[str, float] = field(default_factory=dict)
 
 
 def count_flops(model: nn.Module, inputs: tuple, settings: Settings) -> int:
@@ -194,7 +196,12 @@ def benchmark_model(spec: ModelSpec, settings: Settings, result: InferenceResult
 
     flops = {label: count_flops(model, inputs, settings) for label, model in variants.items()}
     if flops["fused"] != flops["baseline"]:
-        raise AssertionError(f"{spec.label}: fused FLOPs {flops['fused']} != baseline FLOPs {flops['baseline']}")
+        # A detector's FLOPs depend on how many proposals survive NMS, which one rounding flip of a
+        # score can change (seen under bf16 on CUDA); its fused layers are the original ones all the same.
+        difference = abs(flops["fused"] - flops["baseline"]) / flops["baseline"]
+        if spec.kind is not DETECTION or difference > 1e-3:
+            raise AssertionError(f"{spec.label}: fused FLOPs {flops['fused']} != baseline FLOPs {flops['baseline']}")
+        result.proposal_flops[spec.label] = difference
     precise = ["baseline", "fused"] + [k for k in minus if k.endswith("(matched)")]
     timings = time_variants(spec, variants, precise, inputs, settings)
     for label, model in variants.items():
@@ -234,7 +241,10 @@ def findings(result: InferenceResult) -> str:
     per_model = "; ".join(f"{m} {t.ratio:.3f} {ci_text(t.ratio_ci)}: {verdict(t.ratio_ci, lo, hi)}" for m, t in fused.items())
     unfused = [by[(m, "converted (unfused)")].timing.ratio for m in models]
     lines = [
-        f"- **Fused FLOPs equal the baseline's** for all {len(models)} models (asserted by the run).",
+        f"- **Fused FLOPs equal the baseline's** for all {len(models) - len(result.proposal_flops)} models "
+        "(asserted by the run)" + "".join(
+            f"; {m}: within {d:.1e} (the number of proposals after NMS changed with the fused weights' rounding)"
+            for m, d in result.proposal_flops.items()) + ".",
         f"- **Fused / baseline latency** (median of per-round ratios, 95% interval; target {lo:.2f}–{hi:.2f}): "
         f"{min(ratios):.3f} – {max(ratios):.3f} over the models. {per_model}.",
         f"- **Converted but unfused** costs {min(unfused):.1f}× – {max(unfused):.1f}× the baseline: the parametrization "

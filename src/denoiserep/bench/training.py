@@ -3,6 +3,7 @@ the denoiser phase (label-aug and label-free, full and low rank) against plain f
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -36,15 +37,21 @@ One optimizer step (AdamW, lr 1e-4) at the same batch, 224 px, random labels: **
 `set_trainable(denoisers=True, backbone=False)`), label-aug (loss = 0.5·CE + 0.5·`denoise_loss`) or
 label-free (loss = `denoise_loss`, forward under `noise_loss_only`: nothing is back-propagated through
 the backbone), with full-rank and low-rank (rank 8) denoisers and with the noise loss on all positions
-(`loss_token_fraction` 1.0) or on a random 10%. Step time as in the inference section (interleaved, per-round ratios); FLOPs per
-step (forward + backward, `FlopCounterMode`) are the machine-independent counterpart of the step ratio.
-Forming W′ costs the same at any batch, so the ratios fall as the batch grows:
-`python benchmarks/training_batch_scaling.py --batches 8 32` measures ViT-S at both (not part of this run).
+(`loss_token_fraction` 1.0) or on a random 10%. The label-aug full-rank rows at fraction 1.0 compare
+the noise loss's estimators and training paths: **sampled ε, W′** (the paper's estimator, one ε per
+position, and W′ formed each forward: this library's behaviour before `loss_estimator` and
+`training_path`; still the default), and **expected, auto** (the loss's exact expectation over ε; per
+layer and call the cheaper of forming W′ or denoising the layer's input, see `denoiserep.noise_loss`),
+for the L1 loss (the paper's) and L2. Step time as in the inference section (interleaved, per-round ratios); FLOPs
+per step (forward + backward, `FlopCounterMode`) are the machine-independent counterpart of the step
+ratio. Forming W′ costs the same at any batch, so every ratio depends on the batch: plain fine-tuning
+and the fraction-1.0 rows run at a second batch too.
 
-**Peak memory**, one fresh process per measurement (allocators keep freed memory, so variants must
-not share a process): on CPU the resident-set high-water mark (`VmHWM`) over two steps (the second is the steady state: weights, gradients, optimizer state and activations at once) minus the
+**Peak memory**: on CPU one fresh process per measurement (allocators keep freed memory, so variants must
+not share a process): the resident-set high-water mark (`VmHWM`) over two steps (the second is the steady state: weights, gradients, optimizer state and activations at once) minus the
 RSS just before the model was built, i.e. weights, denoisers, gradients, optimizer state and
-activations, without the interpreter and libraries; on CUDA `torch.cuda.max_memory_allocated`.
+activations, without the interpreter and libraries; on CUDA `torch.cuda.max_memory_allocated` minus the
+memory allocated before the model was built (in process: it counts live tensors, not the cache).
 """
 
 
@@ -56,16 +63,28 @@ class TrainVariant:
     denoiser: str | None = None
     loss_token_fraction: float = 1.0
     lam: float = 0.5  # 0.5: label-aug (task + noise loss); 1.0: label-free (noise loss only)
+    loss: str = "l1"
+    estimator: str = "sampled"
+    path: str = "auto"
+
+    @property
+    def full_batch_label_aug(self) -> bool:
+        """The rows issue 14's targets are set for (and that run at every batch)."""
+        return self.denoiser == "full" and self.lam < 1.0 and self.loss_token_fraction == 1.0
 
 
 TRAIN_VARIANTS = (
     TrainVariant("plain fine-tuning"),
-    TrainVariant("denoisers, full rank, λ 0.5, fraction 1.0", "full", 1.0),
+    TrainVariant("denoisers, full rank, λ 0.5, fraction 1.0, L1, sampled ε, W′", "full", 1.0),
+    TrainVariant("denoisers, full rank, λ 0.5, fraction 1.0, L1, expected, auto", "full", 1.0, estimator="expected"),
+    TrainVariant("denoisers, full rank, λ 0.5, fraction 1.0, L2, expected, auto", "full", 1.0, loss="l2",
+                 estimator="expected"),
     TrainVariant("denoisers, full rank, λ 0.5, fraction 0.1", "full", 0.1),
     TrainVariant("denoisers, full rank, label-free, fraction 0.1", "full", 0.1, lam=1.0),
     TrainVariant("denoisers, low rank (r=8), λ 0.5, fraction 0.1", "low_rank", 0.1),
     TrainVariant("denoisers, low rank (r=8), label-free, fraction 0.1", "low_rank", 0.1, lam=1.0),
 )
+DEFAULT_FULL_LABEL_AUG = TRAIN_VARIANTS[1]  # the library's defaults: L1, sampled (hence W′)
 
 
 @dataclass
@@ -75,7 +94,8 @@ class TrainInfo:
     backbone: int
 
 
-def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settings) -> tuple[Callable[[], None], TrainInfo]:
+def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settings,
+                        batch: int | None = None) -> tuple[Callable[[], None], TrainInfo]:
     """One optimizer step of either phase, at the same batch and with the same optimizer (AdamW).
 
     Denoiser phase: converted model, only the denoisers train, loss = 0.5·CE + 0.5·denoise_loss
@@ -83,8 +103,9 @@ def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settin
     """
     torch.manual_seed(0)
     model = spec.build(settings).to(settings.device).train()
-    (x,) = spec.inputs(settings.train_batch, settings)
-    y = torch.randint(0, model.num_classes, (settings.train_batch,), device=settings.device)
+    batch = batch or settings.train_batch
+    (x,) = spec.inputs(batch, settings)
+    y = torch.randint(0, model.num_classes, (batch,), device=settings.device)
     backbone = count_params(model)
     if variant.denoiser is None:
         params = list(model.parameters())
@@ -93,7 +114,8 @@ def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settin
         def loss_fn() -> torch.Tensor:
             return F.cross_entropy(model(x), y)
     else:
-        config = benchmark_config(spec, denoiser=variant.denoiser, loss_token_fraction=variant.loss_token_fraction)
+        config = benchmark_config(spec, denoiser=variant.denoiser, loss_token_fraction=variant.loss_token_fraction,
+                                  loss=variant.loss, loss_estimator=variant.estimator, training_path=variant.path)
         convert_quietly(model, config, x[:1])
         counts = dr.set_trainable(model, denoisers=True, backbone=False)
         params = list(dr.denoiser_parameters(model))
@@ -125,7 +147,7 @@ def _proc_status_kib(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def measure_training_memory(spec: ModelSpec, variant: TrainVariant, settings: Settings, steps: int = 2) -> int:
+def measure_training_memory(spec: ModelSpec, variant: TrainVariant, settings: Settings, batch: int, steps: int = 2) -> int:
     """Peak bytes a few training steps need, in a fresh process (see `peak_training_memory`).
 
     CPU: resident-set high-water mark (VmHWM) minus the RSS before the model was built, so
@@ -134,35 +156,46 @@ def measure_training_memory(spec: ModelSpec, variant: TrainVariant, settings: Se
     """
     apply_threads(settings)
     if settings.device == "cuda":
+        gc.collect()  # the previous measurement's model and graphs, if a cycle still holds them
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        step, _ = build_training_step(spec, variant, settings)
+        before = torch.cuda.memory_allocated()
+        step, _ = build_training_step(spec, variant, settings, batch)
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - before
+        del step
+        gc.collect()
+        return peak
     before = _proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    step, _ = build_training_step(spec, variant, settings)
+    step, _ = build_training_step(spec, variant, settings, batch)
     for _ in range(steps):
         step()
     return (_proc_status_kib("VmHWM") - before) * 1024
 
 
-def peak_training_memory(spec: ModelSpec, variant: TrainVariant, settings: Settings) -> int:
-    """One fresh process per measurement: allocators keep freed memory, so measuring several
-    variants in one process would let each inherit the previous one's heap. The forkserver
+def peak_training_memory(spec: ModelSpec, variant: TrainVariant, settings: Settings, batch: int) -> int:
+    """On CPU one fresh process per measurement: allocators keep freed memory, so measuring several
+    variants in one process would let each inherit the previous one's heap (CUDA's counter of live
+    tensors does not have that problem, and a CUDA context per process would cost seconds). The forkserver
     has the heavy libraries imported already (cheap start) and never ran a parallel op (safe
     to fork). Not `denoiserep.bench` itself: children re-run the main module by name, and a
     preloaded copy of it would make runpy warn."""
+    if settings.device == "cuda":
+        return measure_training_memory(spec, variant, settings, batch)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["denoiserep", "timm", "torchvision"])
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(measure_training_memory, spec, variant, settings).result()
+        return pool.submit(measure_training_memory, spec, variant, settings, batch).result()
 
 
 @dataclass
 class TrainRow:
     model: str
+    batch: int
     variant: TrainVariant
     info: TrainInfo
     flops: int
@@ -198,61 +231,71 @@ def profile_step(step: Callable[[], None], top: int = 8) -> tuple[list[tuple[str
 
 def run(settings: Settings) -> TrainingResult:
     result = TrainingResult()
+    batches = [(settings.train_batch, TRAIN_VARIANTS)]
+    batches += [(batch, [v for v in TRAIN_VARIANTS if v.denoiser is None or v.full_batch_label_aug])
+                for batch in settings.scaling_batches]
     for spec in tqdm(training_specs(settings), desc="training", file=sys.stderr):
-        steps, infos = {}, {}
-        for variant in TRAIN_VARIANTS:
-            steps[variant.label], infos[variant.label] = build_training_step(spec, variant, settings)
-        flops = {label: count_step_flops(step) for label, step in steps.items()}
-        timings = time_interleaved(steps, TRAIN_VARIANTS[0].label, settings.train_rounds, settings.train_warmup,
-                                   clock_for(settings), f"{spec.label} training steps")
-        if settings.profile_training and spec == CLASSIFIERS[0]:
-            result.profile, result.profile_total_s = profile_step(steps[TRAIN_VARIANTS[1].label])
-        del steps
-        for variant in TRAIN_VARIANTS:
-            peak = peak_training_memory(spec, variant, settings)
-            result.rows.append(TrainRow(spec.label, variant, infos[variant.label], flops[variant.label],
-                                        timings[variant.label], peak))
+        for batch, variants in batches:
+            steps, infos = {}, {}
+            for variant in variants:
+                steps[variant.label], infos[variant.label] = build_training_step(spec, variant, settings, batch)
+            flops = {label: count_step_flops(step) for label, step in steps.items()}
+            timings = time_interleaved(steps, TRAIN_VARIANTS[0].label, settings.train_rounds, settings.train_warmup,
+                                       clock_for(settings), f"{spec.label} training steps, batch {batch}")
+            if settings.profile_training and spec == CLASSIFIERS[0] and batch == settings.train_batch:
+                result.profile, result.profile_total_s = profile_step(steps[DEFAULT_FULL_LABEL_AUG.label])
+            del steps
+            for variant in variants:
+                peak = peak_training_memory(spec, variant, settings, batch)
+                result.rows.append(TrainRow(spec.label, batch, variant, infos[variant.label], flops[variant.label],
+                                            timings[variant.label], peak))
     return result
 
 
 def markdown(result: TrainingResult) -> str:
-    plain = {r.model: r for r in result.rows if r.variant.denoiser is None}
+    plain = _plain_rows(result)
     rows = table(
-        ["model", "phase", "trainable params", "denoiser / backbone params", "GFLOPs / step", "FLOPs ratio",
+        ["model", "batch", "phase", "trainable params", "denoiser / backbone params", "GFLOPs / step", "FLOPs ratio",
          "step median (ms)", "IQR (ms)", "step ratio to plain", "ratio IQR", "ratio 95% CI", "peak memory (MiB)",
          "memory ratio to plain"],
-        [(r.model, r.variant.label, millions(r.info.trainable),
+        [(r.model, r.batch, r.variant.label, millions(r.info.trainable),
           f"{r.info.denoiser / r.info.backbone:.2f}" if r.variant.denoiser else "—",
-          f"{r.flops / 1e9:.1f}", f"{r.flops / plain[r.model].flops:.2f}",
+          f"{r.flops / 1e9:.1f}", f"{r.flops / plain[r.model, r.batch].flops:.2f}",
           f"{r.timing.median_s * 1e3:.0f}", f"{r.timing.iqr_s * 1e3:.0f}", f"{r.timing.ratio:.2f}",
           f"{r.timing.ratio_iqr:.2f}", ci_text(r.timing.ratio_ci), f"{r.peak_bytes / MIB:.0f}",
-          f"{r.peak_bytes / plain[r.model].peak_bytes:.2f}")
+          f"{r.peak_bytes / plain[r.model, r.batch].peak_bytes:.2f}")
          for r in result.rows])
     out = rows + "\n" + findings(result)
     if result.profile:
-        out += ("\nWhere the time goes in one denoiser-phase step (ViT-S, full rank, λ 0.5, fraction 1.0; "
+        out += ("\nWhere the time goes in one denoiser-phase step (ViT-S, full rank, λ 0.5, fraction 1.0, L1, "
+                "sampled ε, W′; "
                 f"torch.profiler, {result.profile_total_s:.2f} s of operator self time):\n\n")
         out += table(["operator", "share of self time", "calls"], [(k, f"{s * 100:.1f}%", n) for k, s, n in result.profile])
     return out
 
 
+def _plain_rows(result: TrainingResult) -> dict[tuple[str, int], TrainRow]:
+    return {(r.model, r.batch): r for r in result.rows if r.variant.denoiser is None}
+
+
 def findings(result: TrainingResult) -> str:
     lines = []
-    plain = {r.model: r for r in result.rows if r.variant.denoiser is None}
+    plain = _plain_rows(result)
     for r in result.rows:
         if r.variant.denoiser is None:
             continue
-        memory = r.peak_bytes / plain[r.model].peak_bytes
+        base = plain[r.model, r.batch]
+        memory = r.peak_bytes / base.peak_bytes
         params = r.info.denoiser / r.info.backbone
         step = f"step {r.timing.ratio:.2f}× plain {ci_text(r.timing.ratio_ci)}"
         mem = f"memory {memory:.2f}×"
-        if r.variant.denoiser == "full":  # the step and memory targets are set for the full-rank denoisers
+        if r.variant.full_batch_label_aug:  # the step and memory targets (issue 14) are set for these rows
             step += f" (≤ {TARGET_STEP_RATIO}: {verdict(r.timing.ratio_ci, 0.0, TARGET_STEP_RATIO)})"
             mem += f" (≤ {TARGET_MEMORY_RATIO}: {met(memory <= TARGET_MEMORY_RATIO)})"
         param_target = TARGET_PARAMS_FULL if r.variant.denoiser == "full" else TARGET_PARAMS_LOW_RANK
-        parts = [step, f"FLOPs {r.flops / plain[r.model].flops:.2f}×", mem,
+        parts = [step, f"FLOPs {r.flops / base.flops:.2f}×", mem,
                  f"params {params:.2f}× backbone (≤ {param_target:g}: {met(params <= param_target)})"]
-        lines.append(f"- **{r.model}, {r.variant.label}**: " + "; ".join(parts) + ".")
+        lines.append(f"- **{r.model}, batch {r.batch}, {r.variant.label}**: " + "; ".join(parts) + ".")
     lines.append(
         "- Why the label-aug denoiser phase costs more than plain fine-tuning: every forward forms each "
         "W′ = c3 W − c1 W A (out × d_in² multiply-adds per layer, whatever the batch) and the task loss "
