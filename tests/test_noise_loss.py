@@ -211,12 +211,17 @@ def test_auto_path_picks_the_cheaper_computation():
     weight = torch.empty(2048, 512)
     few_tokens = torch.randn(16, 512, requires_grad=True)
     many_tokens = torch.randn(8192, 512, requires_grad=True)
+    trained_weight = weight.clone().requires_grad_()  # a backbone that trains too
     # Weight path: W′ and its backward, 2 · 2048 · 512², plus the L1 loss's A x and backward, 2 M 512².
     # Input path: A x, its backward to A and to x, 3 M 512², the loss included. So: input iff M < 4096.
-    assert denoiser.prefers_input_path(few_tokens, weight)
-    assert not denoiser.prefers_input_path(many_tokens, weight)
+    assert denoiser.prefers_input_path(few_tokens, trained_weight)
+    assert not denoiser.prefers_input_path(many_tokens, trained_weight)
     # Without a gradient to the input (a first layer) the input path never costs more.
-    assert denoiser.prefers_input_path(many_tokens.detach(), weight)
+    assert denoiser.prefers_input_path(many_tokens.detach(), trained_weight)
+    # With a frozen W the input path also skips the layer's weight gradient, M · 2048 · 512.
+    assert denoiser.prefers_input_path(many_tokens, weight)
+    wide_input = LayerDenoiser(nn.Linear(2048, 512), STEP, estimator="expected", loss="l2")
+    assert not wide_input.prefers_input_path(torch.randn(8192, 2048, requires_grad=True), torch.empty(512, 2048))
     denoiser.estimator = "sampled"  # the input path computes only the expected loss
     assert not denoiser.prefers_input_path(few_tokens, weight)
 

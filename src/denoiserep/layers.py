@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 
 import torch
@@ -65,6 +66,8 @@ class LayerDenoiser(nn.Module):
         # Position of the channel axis in the layer's input: last for Linear, 1 (or 0 when
         # unbatched) for ConvNd, counted from the end so that both cases agree.
         self.spatial_dims = 0 if is_linear else len(layer.kernel_size)
+        # Input positions per output position (the cost model's estimate of a conv's output size).
+        self.stride_product = 1 if is_linear else math.prod(layer.stride)
         self.timestep = step.t
         self.c1, self.c3 = step.c1, step.c3
         self.sqrt_alpha_bar = step.sqrt_alpha_bar
@@ -210,9 +213,11 @@ class LayerDenoiser(nn.Module):
 
     # -- the input path -------------------------------------------------------------------
     def prefers_input_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether denoising this call's input costs fewer multiply-adds than forming W′ (both with
-        their backward and the expected noise loss). The input path needs the full-rank A and the
-        expected estimator, whose loss it computes from the task path's own A x."""
+        """Whether denoising this call's input costs fewer multiply-adds than forming W′, each with
+        its backward and the expected noise loss. On the input path the layer runs on the frozen W,
+        so its own weight gradient (out · k · d per output position), which W′ needs, is not formed.
+        The input path needs the full-rank A and the expected estimator, whose loss it computes from
+        the task path's own A x."""
         if self.path == "weight" or self.form != "full" or self.estimator != "expected":
             return False
         if self.path == "input":
@@ -226,6 +231,8 @@ class LayerDenoiser(nn.Module):
         else:
             weight_path += 2 * g * loss_positions * d * d  # A x and its backward
         input_path = (3 if x.requires_grad else 2) * g * positions * d * d
+        if not weight.requires_grad:
+            input_path -= (positions // self.stride_product) * weight.shape[0] * weight[0, 0].numel() * d
         return input_path < weight_path
 
     def denoise_input(self, x: torch.Tensor) -> torch.Tensor:
