@@ -285,3 +285,27 @@ def test_two_gloo_processes_evaluate_to_the_single_process_ap(tmp_path):
         assert distributed.keys() == single.keys()
         for key, value in single.items():
             assert distributed[key] == pytest.approx(value, rel=1e-12, nan_ok=True)
+
+
+def test_unlabeled_folders_feed_the_label_free_loss_at_their_own_sizes(tmp_path):
+    from test_detection_data import write_image
+
+    for i, (height, width) in enumerate([(40, 56), (56, 40), (48, 48)]):
+        write_image(tmp_path / "unlabeled" / "sub" / f"{i}.png", height, width, seed=i)
+    cfg = TrainConfig(task="detection", data=f"coco:{coco(tmp_path / 'coco')}", model="fcos_test_resnet",
+                      model_kwargs=FAMILIES["fcos_test_resnet"], extra_data=[str(tmp_path / "unlabeled")],
+                      batch_size=2)
+    task = DetectionTask(cfg)
+    inputs, ignored = next(iter(task.extra_loader(DistInfo(), seed=0, epoch=0)))
+    assert len(inputs) == 2 and ignored == [-1, -1] and all(0 <= x.min() and x.max() <= 1 for x in inputs)
+    assert {tuple(x.shape[-2:]) for x in inputs} <= {(40, 56), (56, 40), (48, 48)}
+    model = task.build_model()
+    dr.convert(task.conversion_root(model), example_inputs=task.conversion_inputs(model, torch.device("cpu")))
+    dr.set_trainable(model, denoisers=True, backbone=False)
+    model.train()
+    with noise_loss_only(model):
+        task.noise_forward(model, inputs)
+    assert denoise_loss(model) > 0
+    with pytest.raises(FileNotFoundError, match="no images found under"):
+        DetectionTask(TrainConfig(task="detection", data=cfg.data, model="fcos_test_resnet",
+                                  extra_data=[str(tmp_path / "coco" / "annotations")]))
