@@ -309,3 +309,19 @@ def test_unlabeled_folders_feed_the_label_free_loss_at_their_own_sizes(tmp_path)
     with pytest.raises(FileNotFoundError, match="no images found under"):
         DetectionTask(TrainConfig(task="detection", data=cfg.data, model="fcos_test_resnet",
                                   extra_data=[str(tmp_path / "coco" / "annotations")]))
+
+
+def test_skip_bad_images_replaces_a_corrupt_training_image_and_keeps_the_aspect_ratio_batches(tmp_path, caplog):
+    root = coco(tmp_path / "coco")
+    (root / "train2017" / "000000000001.jpg").write_bytes(b"not a jpeg")
+    cfg = TrainConfig(task="detection", data=f"coco:{root}", model="fcos_test_resnet", batch_size=2,
+                      skip_bad_images=True)
+    loader = DetectionTask(cfg).train_loader(DistInfo(), seed=0, epoch=0)
+    with caplog.at_level("WARNING"):
+        batches = list(loader)
+    assert len(batches) == 2 and all(len(images) == 2 for images, _ in batches)
+    assert "skipped an unreadable image" in caplog.text and "000000000001.jpg" in caplog.text
+    orientations = [{image.shape[-1] >= image.shape[-2] for image in images} for images, _ in batches]
+    # Batched by aspect ratio: the wide batch stays wide; the tall one holds the wide image (index 2) that
+    # replaced the unreadable tall image 1.
+    assert sorted(len(o) for o in orientations) == [1, 2]

@@ -119,7 +119,8 @@ class DetectionTask(TaskBase):
     # -- data --------------------------------------------------------------------------------
     def train_loader(self, info: DistInfo, seed: int, epoch: int, for_denoisers: bool = False) -> DataLoader:
         dataset = self.denoise_train if for_denoisers and self.denoise_train is not None else self.train_set
-        ratios = dataset.aspect_ratios() if hasattr(dataset, "aspect_ratios") else None
+        files = getattr(dataset, "dataset", dataset)  # under SkipUnreadable (--skip-bad-images)
+        ratios = files.aspect_ratios() if hasattr(files, "aspect_ratios") else None
         if ratios is not None and len({r >= 1 for r in ratios}) > 1:
             # Wide and tall images in separate batches: less padding (torchvision's reference grouping).
             sampler = AspectRatioBatchSampler(ratios, self.cfg.batch_size, info, seed, epoch)
