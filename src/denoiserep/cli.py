@@ -25,7 +25,8 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--model", "model", {"help": "any timm model name (default: the embedded dataset's model)"}),
     ("--model-kwargs", "model_kwargs", {"type": json.loads, "help": "JSON, e.g. '{\"img_size\": 32}'"}),
     ("--init", "init", {"help": "start the baseline from this checkpoint (.safetensors/.pth)"}),
-    ("--convert-scope", "convert_scope", {"help": "what DenoiseRep converts: backbone (default) or all"}),
+    ("--convert-scope", "convert_scope", {"help": "what DenoiseRep converts: backbone (default), all, or "
+                                                  "(detection) backbone+neck"}),
     ("--crop-size", "crop_size", {"type": int, "help": "segmentation: training crop / sliding window size"}),
     ("--slide-stride", "slide_stride", {"type": int, "help": "segmentation: sliding-window evaluation stride"}),
     ("--epochs", "epochs", {"type": int, "help": "baseline epochs (0 with --init: evaluate only)"}),

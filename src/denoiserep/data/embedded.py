@@ -72,12 +72,10 @@ def load_digits_splits() -> TensorSplits:
 @dataclass(frozen=True)
 class DigitScenes:
     """Scenes of one split: images (N, 3, S, S) float32, standardised; masks (N, S, S) int64 with
-    0 = background and 1 + d for digit d; per scene the digits' boxes (k, 4) xyxy and labels 1 + d."""
+    0 = background and 1 + d for digit d."""
 
     images: torch.Tensor
     masks: torch.Tensor
-    boxes: list[torch.Tensor]
-    labels: list[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,8 @@ def load_digit_scenes(size: int = SCENE_SIZE, scale: int = SCENE_DIGIT_SCALE,
                       counts: tuple[int, int] = SCENE_COUNTS, max_digits: int = 2, seed: int = 0) -> DigitScenesSplits:
     """The digits (same fixed split as `load_digits_splits`) composed into ``size`` × ``size`` scenes of
     1 to ``max_digits`` non-overlapping digits, each upscaled ``scale`` times: real handwriting for
-    offline segmentation and detection demos. Train scenes use train digits only, val scenes val
+    the offline segmentation demo (detection composes its own, overlapping, canvases:
+    `tasks/detection/digits.py`). Train scenes use train digits only, val scenes val
     digits; the generator is seeded, so the scenes are always the same. Three identical channels, so
     that 3-channel backbones take them as they are."""
     from sklearn.datasets import load_digits
@@ -112,7 +111,7 @@ def load_digit_scenes(size: int = SCENE_SIZE, scale: int = SCENE_DIGIT_SCALE,
            ((train_x, train_y, counts[0]), (val_x, val_y, counts[1]))]
     mean, std = float(raw[0][0].mean()), float(raw[0][0].std())  # train scenes only
     splits = [DigitScenes(torch.from_numpy(((pixels - mean) / std)[:, None].repeat(3, axis=1)),
-                          torch.from_numpy(masks), boxes, labels) for pixels, masks, boxes, labels in raw]
+                          torch.from_numpy(masks)) for pixels, masks in raw]
     return DigitScenesSplits(splits[0], splits[1], [str(name) for name in bunch.target_names])
 
 
@@ -121,7 +120,6 @@ def _compose_scenes(digits: np.ndarray, targets: np.ndarray, count: int, size: i
     side = 8 * scale
     pixels = np.zeros((count, size, size), np.float32)
     masks = np.zeros((count, size, size), np.int64)
-    boxes, labels = [], []
     for scene in range(count):
         placed: list[tuple[int, int]] = []
         for _ in range(rng.integers(1, max_digits + 1)):
@@ -130,19 +128,13 @@ def _compose_scenes(digits: np.ndarray, targets: np.ndarray, count: int, size: i
                 if all(abs(top - t) >= side or abs(left - l) >= side for t, l in placed):
                     placed.append((top, left))
                     break
-        scene_boxes, scene_labels = [], []
         for top, left in placed:
             index = rng.integers(len(digits))
             digit = digits[index].reshape(8, 8).repeat(scale, axis=0).repeat(scale, axis=1)
             ink = digit >= INK_THRESHOLD
             pixels[scene, top:top + side, left:left + side] = digit
             masks[scene, top:top + side, left:left + side][ink] = int(targets[index]) + 1
-            rows, cols = np.nonzero(ink)
-            scene_boxes.append([left + cols.min(), top + rows.min(), left + cols.max() + 1, top + rows.max() + 1])
-            scene_labels.append(int(targets[index]) + 1)
-        boxes.append(torch.tensor(scene_boxes, dtype=torch.float32).reshape(-1, 4))
-        labels.append(torch.tensor(scene_labels, dtype=torch.int64))
-    return pixels, masks, boxes, labels
+    return pixels, masks
 
 
 def standardised_digit_images(flat: np.ndarray, mean: float, std: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ TASKS = {
     "classification": "denoiserep.tasks.classification:ClassificationTask",
     "reid": "denoiserep.tasks.reid:ReidTask",
     "segmentation": "denoiserep.tasks.segmentation:SegmentationTask",
+    "detection": "denoiserep.tasks.detection:DetectionTask",
 }
 
 
