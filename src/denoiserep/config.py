@@ -63,8 +63,8 @@ class DenoiseConfig:
         ``loss_estimator``: ``"sampled"`` (default, the paper's) draws one ε per position;
         ``"expected"`` takes the loss's exact expectation over ε (closed form, `denoiserep.noise_loss`):
         the same objective with a noise-free gradient. With ``loss="l2"`` it is the cheapest label-aug
-        step in multiply-adds and memory (BENCHMARKS.md §2); for L1 it costs as many multiply-adds
-        as sampling, and more kernel launches on a GPU.
+        step in multiply-adds and memory (BENCHMARKS.md §2); on a CPU it is faster for L1 too, on a
+        GPU (launch-bound at common batches) its extra kernels make the step slower.
 
     Training path
         ``training_path``: how a training forward reaches A: ``"weight"`` forms W′ each forward,

@@ -302,6 +302,22 @@ def findings(result: TrainingResult) -> str:
         "back-propagates through it (as much again); the noise loss adds d_in² per sampled position, which "
         "`loss_token_fraction` scales down. Label-free steps (`noise_loss_only`) need no backward through the "
         "backbone, and the low-rank W′ costs out × d_in × r.")
+    floors = {}  # the cheapest exact fraction-1.0 label-aug setting's FLOPs ratio, per model and batch
+    for r in result.rows:
+        if r.variant.full_batch_label_aug:
+            ratio = r.flops / plain[r.model, r.batch].flops
+            floors[r.model, r.batch] = min(ratio, floors.get((r.model, r.batch), ratio))
+    lines.append(
+        "- The floor at fraction 1.0 with full-rank denoisers: an exact noise loss on every position costs at least "
+        "min(2 M d², M d² + d³) multiply-adds per layer (M positions, d = d_in), and reaching A either forms W′ "
+        "(2 · out · k · d², forward and backward) or denoises the input (3 M d², less the layer's own weight gradient, "
+        "which a frozen W then skips); `training_path=\"auto\"` takes the cheaper per layer, so the cheapest row's "
+        "FLOPs ratio is that floor: " + ", ".join(f"{m} batch {b} {f:.2f}×" for (m, b), f in floors.items()) + ". "
+        "For ViT-S's fc2 (d = 1536, about the 1576 tokens of a batch of 8) the noise loss alone costs about the "
+        "layer's whole plain training step. On a compute-bound CPU the step ratio cannot go below the floor: "
+        "≤ 1.3× needs `loss_token_fraction` < 1 or the low-rank form. Memory: full-rank A with its gradient and "
+        "AdamW's two moments takes 16 bytes per parameter (ViT-S: 33.7M, 540 MB), as much as plain fine-tuning's "
+        "whole peak at batch 8.")
     lines.append(
         "- Full-rank denoiser parameters exceed the backbone's where layers widen their input: A is d_in × d_in, "
         "so a ViT MLP's fc2 (1536 → 384) carries a 1536² = 2.4M-parameter denoiser for its own 0.6M weights. "
