@@ -273,6 +273,17 @@ def test_a_moved_run_keeps_working_because_its_weights_are_stored_relative_to_it
     assert train(tmp_path / "elsewhere", "--stage", "baseline", "denoise", "--label-free", "--resume") == 0
 
 
+def test_a_run_written_before_weights_were_stored_relative_to_it_still_continues(finished_run, tmp_path, monkeypatch):
+    old = tmp_path / "runs" / "run"
+    shutil.copytree(finished_run, old)
+    for result_file in old.glob("*/result.json"):
+        result = json.loads(result_file.read_text())
+        result["weights"] = f"runs/run/{result_file.parent.name}/model.safetensors"  # as written from tmp_path
+        result_file.write_text(json.dumps(result))
+    monkeypatch.chdir(finished_run.parent)  # not where the paths were written from
+    assert train(tmp_path / "runs", "--stage", "baseline", "denoise", "--label-free", "--resume") == 0
+
+
 def test_the_demo_just_works_again_after_an_interrupted_run_and_fresh_starts_over(tmp_path, capsys):
     demo = ["demo", "--epochs", "1", "--extra-epochs", "1", "--output", str(tmp_path)]
     assert main(demo) == 0

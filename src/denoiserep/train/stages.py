@@ -86,6 +86,10 @@ def run_stage(spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: t
     result_path = stage_dir / "result.json"
     if resume and result_path.exists():
         result = StageResult(**json.loads(result_path.read_text()))
+        if result.weights and not (cfg.run_dir / result.weights).exists():
+            # Written before weights were stored relative to the run: the path as seen from that
+            # working directory. The stage's file is where it always was.
+            result.weights = f"{spec.variant}/model.safetensors"
         result.model = _StageRunner(spec, cfg, task, info, device, stage_dir).load_final(result)
         return result
     seed_everything(cfg.seed)
