@@ -42,9 +42,9 @@ def noise_prediction_loss(predicted: torch.Tensor, target: torch.Tensor, loss_ty
 
 def residual_variance(matrix: torch.Tensor, r: float) -> torch.Tensor:
     """v_j = ‖row j of (I − r A)‖² per group block: shape (groups, d), flattened to (channels,)."""
-    matrix = matrix.to(_loss_dtype(matrix))
-    eye = torch.eye(matrix.shape[-1], device=matrix.device, dtype=matrix.dtype)
-    return (eye - r * matrix).pow(2).sum(-1).reshape(-1)
+    residual = -r * matrix.to(_loss_dtype(matrix))
+    residual.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I − r A without a d × d identity per forward
+    return residual.pow(2).sum(-1).reshape(-1)
 
 
 def _loss_dtype(tensor: torch.Tensor) -> torch.dtype:

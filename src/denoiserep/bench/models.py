@@ -91,6 +91,9 @@ class Kind:
     scope: str  # what the conversion covers, for the table
     denoise_minus: Callable[[nn.Module, int], nn.Module]  # (baseline, steps) -> DenoiseRep⁻ model
     dense: bool  # DenoiseRep⁻ runs per RoI / pixel: time one step only, fewer rounds
+    # The forward's FLOPs depend on its outputs (a detector's proposals surviving NMS): fused and
+    # baseline FLOPs may then differ by a rounding flip, up to 1e-3 of the total.
+    output_dependent_flops: bool = False
 
     def __reduce__(self):  # pickled by name (memory is measured in a fresh process)
         return _kind, (self.name,)
@@ -104,7 +107,7 @@ CLASSIFICATION = Kind("classification", _timm_model, _image_batch, Classificatio
                       _classifier_minus, dense=False)
 # Detection converts its backbone (ResNet-50 body + FPN); RPN and RoI heads stay plain.
 DETECTION = Kind("detection", _faster_rcnn, _image_list, _detector_backbone, "backbone (body + FPN)", _detector_minus,
-                 dense=True)
+                 dense=True, output_dependent_flops=True)
 SEGMENTATION = Kind("segmentation", _fcn, _image_batch, _whole_model, "whole model", _segmenter_minus, dense=True)
 KINDS = {kind.name: kind for kind in (CLASSIFICATION, DETECTION, SEGMENTATION)}
 

@@ -125,3 +125,11 @@ class TaskBase:
 
     def noise_forward(self, model: nn.Module, inputs: Any) -> None:
         call_model(model, (inputs,))
+
+
+def model_kwargs_without_classes(model_kwargs: dict, num_classes: int, data_name: str) -> dict:
+    """``--model-kwargs`` for a model whose class count the data decides: a copy, refusing ``num_classes``."""
+    if "num_classes" in model_kwargs:
+        raise ValueError(f"num_classes comes from the data ({num_classes} classes in {data_name}); "
+                         "drop it from --model-kwargs")
+    return dict(model_kwargs)

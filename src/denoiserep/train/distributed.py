@@ -95,16 +95,19 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return self.num_samples // self.global_batch
 
     def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
-        local = self.global_batch // self.info.world_size
-        start = self.info.rank * local
+        order = torch.randperm(self.num_samples, generator=self.generator()).tolist() if self.shuffle else \
+            list(range(self.num_samples))
         for b in range(len(self)):
-            batch = order[b * self.global_batch:(b + 1) * self.global_batch]
-            yield batch[start:start + local]
+            yield self.rank_share(order[b * self.global_batch:(b + 1) * self.global_batch])
+
+    def generator(self) -> torch.Generator:
+        """This epoch's generator: the same on every rank."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+    def rank_share(self, global_batch: list[int]) -> list[int]:
+        """This rank's contiguous slice of one global batch."""
+        local = self.global_batch // self.info.world_size
+        return global_batch[self.info.rank * local:(self.info.rank + 1) * local]
 
 
 def shard_indices(num_samples: int, info: DistInfo) -> list[int]:
@@ -112,7 +115,8 @@ def shard_indices(num_samples: int, info: DistInfo) -> list[int]:
     return list(range(info.rank, num_samples, info.world_size))
 
 
-def unlabeled_loader(dataset, global_batch: int, info: DistInfo, seed: int, epoch: int, workers: int):
+def unlabeled_loader(dataset, global_batch: int, info: DistInfo, seed: int, epoch: int, workers: int,
+                     collate_fn=None):
     """Batches of extra unlabeled images for the label-free loss (the paper's "merged datasets"):
     at most one global batch, a multiple of the number of processes. None without a dataset."""
     from torch.utils.data import DataLoader
@@ -121,4 +125,4 @@ def unlabeled_loader(dataset, global_batch: int, info: DistInfo, seed: int, epoc
         return None
     batch = min(global_batch, len(dataset) // info.world_size * info.world_size)
     sampler = GlobalBatchSampler(len(dataset), batch, info, seed + 1, epoch)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn)

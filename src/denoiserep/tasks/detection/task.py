@@ -23,9 +23,10 @@ from ...data.images import (
 )
 from ...head import DenoiseHead
 from ...metrics.detection import DetectionMetric
+from ...metrics.detection import evaluate as evaluate_detections  # `evaluate` is this task's method
 from ...train.config import TrainConfig
-from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices
-from ..base import TaskBase
+from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
+from ..base import TaskBase, model_kwargs_without_classes
 from .data import DetectionData, collate, load_detection_data
 from .models import DetectionModel, build_detection_model, parse_model_name
 from .sampling import AspectRatioBatchSampler
@@ -79,10 +80,7 @@ class DetectionTask(TaskBase):
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        kwargs = dict(self.cfg.model_kwargs)
-        if "num_classes" in kwargs:
-            raise ValueError(f"num_classes comes from the data ({self.data.num_classes} classes in "
-                             f"{self.data.name}); drop it from --model-kwargs")
+        kwargs = model_kwargs_without_classes(self.cfg.model_kwargs, self.data.num_classes, self.data.name)
         return build_detection_model(self.cfg.model or DEMO_MODEL, self.data.num_classes,
                                      in_chans=self.data.in_chans, **kwargs)
 
@@ -129,11 +127,7 @@ class DetectionTask(TaskBase):
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=collate)
 
     def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
-        if self.extra is None:
-            return None
-        batch = min(self.cfg.batch_size, len(self.extra) // info.world_size * info.world_size)
-        sampler = GlobalBatchSampler(len(self.extra), batch, info, seed + 1, epoch)
-        return DataLoader(self.extra, batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=collate)
+        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers, collate)
 
     def validation_inputs(self, max_batches: int) -> list[list[torch.Tensor]]:
         return [images for images, _ in itertools.islice(self._val_batches(range(len(self.data.val))), max_batches)]
@@ -206,12 +200,10 @@ class DetectionTask(TaskBase):
                         and torch.allclose(a["scores"], b["scores"], rtol=0, atol=SCORE_TOLERANCE)):
                     differing += 1
         targets = [self.data.val[i][1] for i in range(len(unfused))]
-        ap = {name: DetectionMetric(self.iou_types) for name in ("unfused", "fused")}
-        ap["unfused"].update(unfused, targets)
-        ap["fused"].update(fused, targets)
         return {"detection_images_differ": differing, "compared_images": len(unfused),
                 "max_box_difference": box_diff, "max_score_difference": score_diff,
-                "unfused_ap": ap["unfused"]._evaluate()["AP"], "fused_ap": ap["fused"]._evaluate()["AP"]}
+                "unfused_ap": evaluate_detections(unfused, targets, self.iou_types)["AP"],
+                "fused_ap": evaluate_detections(fused, targets, self.iou_types)["AP"]}
 
     def fused_check(self, results: list) -> str:
         differing = sum(r.extra["detection_images_differ"] for r in results)

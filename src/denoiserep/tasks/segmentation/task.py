@@ -16,7 +16,7 @@ from ...head import DenoiseHead
 from ...metrics.segmentation import SegmentationMetric
 from ...train.config import TrainConfig
 from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices
-from ..base import TaskBase
+from ..base import TaskBase, model_kwargs_without_classes
 from .data import IGNORE_INDEX, SegmentationData, load_segmentation_data
 from .models import AUX_LOSS_WEIGHT, SegmentationModel, build_segmentation_model
 
@@ -48,10 +48,7 @@ class SegmentationTask(TaskBase):
     def build_model(self) -> nn.Module:
         if self.cfg.model is None and self.cfg.data != "digit-scenes":
             raise ValueError("pass --model: fcn_resnet50, deeplabv3_resnet50, segformer_mit_b0, fcn:<timm model>, …")
-        kwargs = dict(self.cfg.model_kwargs)
-        if "num_classes" in kwargs:
-            raise ValueError(f"num_classes comes from the data ({self.data.num_classes} classes in "
-                             f"{self.data.name}); drop it from --model-kwargs")
+        kwargs = model_kwargs_without_classes(self.cfg.model_kwargs, self.data.num_classes, self.data.name)
         return build_segmentation_model(self.cfg.model or DEMO_MODEL, self.data.num_classes,
                                         in_chans=self.data.in_chans, **kwargs)
 
