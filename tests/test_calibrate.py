@@ -2,6 +2,7 @@
 
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -12,17 +13,15 @@ from torch import nn
 
 import denoiserep as dr
 from denoiserep import DenoiseConfig
-from denoiserep.calibrate import (
-    CalibrationError,
-    InputStatistics,
-    expected_l2_loss,
-    optimal_denoiser,
-    optimal_l2_loss,
-)
+from denoiserep.calibrate import CalibrationError
+from denoiserep.moments import InputStatistics
+from denoiserep.optimum import LinearDenoiser, expected_l2, full_rank_optimum, optimal_l2
 
 from conftest import free_port, relative_error
 
 DDPM_MID = DenoiseConfig(schedule="ddpm", timestep_range=(150, 150))  # ᾱ ≈ 0.5: neither term dominates
+# The exact optimum of the rows calibrated on: no hold-out, no shrinkage (what the closed form states).
+IN_SAMPLE = {"holdout_every": None, "shrinkage": 0.0}
 
 
 def structured_inputs(n: int, d: int, rank: int = 2, offset: float = 3.0, dtype=torch.float64) -> torch.Tensor:
@@ -76,7 +75,7 @@ def test_the_closed_form_is_the_minimiser_that_a_long_lbfgs_run_finds_on_the_lay
 
     for _ in range(5):
         optimizer.step(closure)
-    report = dr.calibrate(model, [x[:200], x[200:]], progress=False)
+    report = dr.calibrate(model, [x[:200], x[200:]], progress=False, **IN_SAMPLE)
     calibrated = only_denoiser(model)
 
     # Tolerance: LBFGS converges to ~1e-10 in float64; the closed form is exact.
@@ -93,35 +92,44 @@ def random_statistics(d: int, groups: int = 1, rank: int | None = None) -> Input
                            factor @ factor.mT / d)
 
 
+def coefficients(denoiser):
+    return denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
+
+
+def optimum_of(stats, denoiser) -> LinearDenoiser:
+    s, n = coefficients(denoiser)
+    matrix = full_rank_optimum(stats, s, n)
+    return LinearDenoiser(-s * (matrix @ stats.mean.reshape(stats.groups, -1, 1)).reshape(-1), matrix=matrix)
+
+
 @pytest.mark.parametrize("rank", [None, 2], ids=["full-rank", "rank-deficient"])
 def test_the_gradient_of_the_expected_l2_loss_vanishes_at_the_optimum_and_nowhere_near_it(rank):
     model = nn.Sequential(nn.Linear(6, 2))
     dr.convert(model, DDPM_MID, example_inputs=torch.randn(2, 6))
     denoiser = only_denoiser(model)
+    s, n = coefficients(denoiser)
     stats = random_statistics(6, rank=rank)
-    matrix, constant = optimal_denoiser(stats, denoiser)
-    matrix.requires_grad_(True)
-    constant.requires_grad_(True)
-    loss = expected_l2_loss(matrix, constant, stats, denoiser)
+    optimum = optimum_of(stats, denoiser)
+    matrix, constant = optimum.matrix.requires_grad_(True), optimum.constant.requires_grad_(True)
+    loss = expected_l2(LinearDenoiser(constant, matrix=matrix), stats, s, n)
     grad_matrix, grad_constant = torch.autograd.grad(loss, [matrix, constant])
     assert grad_matrix.abs().max() < 1e-12 and grad_constant.abs().max() < 1e-12
-    assert loss.item() == pytest.approx(optimal_l2_loss(matrix.detach(), denoiser), rel=1e-12)
+    assert loss.item() == pytest.approx(optimal_l2(stats, s, n), rel=1e-12)
     values = torch.linalg.eigvalsh(stats.covariance)  # the minimum in the eigenbasis of Σ
-    s2, n2 = denoiser.sqrt_alpha_bar**2, denoiser.sqrt_one_minus_alpha_bar**2
-    assert loss.item() == pytest.approx(float((s2 * values / (s2 * values + n2)).sum()) / 6, rel=1e-10)
-    nudged = expected_l2_loss(matrix.detach() + 1e-3 * torch.randn_like(matrix), constant.detach(), stats, denoiser)
-    assert nudged > loss
+    assert loss.item() == pytest.approx(float((s**2 * values / (s**2 * values + n**2)).sum()) / 6, rel=1e-10)
+    nudged = LinearDenoiser(constant.detach(), matrix=matrix.detach() + 1e-3 * torch.randn_like(matrix))
+    assert expected_l2(nudged, stats, s, n) > loss
 
 
 def test_a_covariance_that_rounding_left_slightly_indefinite_still_gets_a_finite_optimum():
     model = nn.Sequential(nn.Linear(3, 2))
     dr.convert(model, DenoiseConfig(), example_inputs=torch.randn(2, 3))  # t = 1: 1 − ᾱ = β_1 = 1e-4
-    denoiser = only_denoiser(model)
+    s, n = coefficients(only_denoiser(model))
     vectors = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64)).Q
     covariance = vectors @ torch.diag(torch.tensor([-1e-3, 0.0, 2.0], dtype=torch.float64)) @ vectors.T
-    matrix, _ = optimal_denoiser(InputStatistics(10, torch.zeros(3, dtype=torch.float64), covariance[None]), denoiser)
+    matrix = full_rank_optimum(InputStatistics(10, torch.zeros(3, dtype=torch.float64), covariance[None]), s, n)
     clamped = vectors @ torch.diag(torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64)) @ vectors.T
-    expected, _ = optimal_denoiser(InputStatistics(10, torch.zeros(3, dtype=torch.float64), clamped[None]), denoiser)
+    expected = full_rank_optimum(InputStatistics(10, torch.zeros(3, dtype=torch.float64), clamped[None]), s, n)
     torch.testing.assert_close(matrix, expected)
 
 
@@ -134,7 +142,8 @@ def test_the_expected_l2_loss_is_what_sampling_the_training_noise_loss_converges
     mean, centred = x.double().mean(0), x.double() - x.double().mean(0)
     stats = InputStatistics(len(x), mean, (centred.T @ centred / len(x)).unsqueeze(0))
     with torch.no_grad():
-        expected = expected_l2_loss(denoiser.matrix().double(), denoiser.constant().double(), stats, denoiser)
+        expected = expected_l2(LinearDenoiser(denoiser.constant().double(), matrix=denoiser.matrix().double()), stats,
+                               *coefficients(denoiser))
         sampled = torch.stack([denoiser.noise_loss(x) for _ in range(50)]).mean()
     assert sampled.item() == pytest.approx(expected.item(), rel=0.01)
 
@@ -174,6 +183,21 @@ def reference_statistics(layer, x):
     return rows.mean(0), centred.mT @ centred / len(rows)
 
 
+def leading_directions_loss(covariance, mean, denoiser, rank) -> float:
+    """The loss of the identity start with the r leading eigen-directions of Σ set to their optimum:
+    what 'keeping only the leading directions' reaches (the bound the low-rank fit must meet)."""
+    s, n = coefficients(denoiser)
+    values, vectors = torch.linalg.eigh(covariance)
+    kappa = (denoiser.c3 - 1.0) / denoiser.c1
+    lead, lead_values = vectors[..., -rank:], values[..., -rank:]
+    best = n / (s**2 * lead_values + n**2)
+    eye = torch.eye(covariance.shape[-1], dtype=torch.float64)
+    matrix = kappa * eye + (lead * (best - kappa).unsqueeze(-2)) @ lead.mT
+    stats = InputStatistics(1, mean, covariance)
+    constant = -s * (matrix @ mean.reshape(covariance.shape[0], -1, 1)).reshape(-1)
+    return float(expected_l2(LinearDenoiser(constant, matrix=matrix), stats, s, n))
+
+
 @pytest.mark.parametrize("form", ["full", "low_rank"])
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_every_layer_type_reaches_its_closed_form_optimum_and_still_fuses_exactly(kind, form):
@@ -185,32 +209,22 @@ def test_every_layer_type_reaches_its_closed_form_optimum_and_still_fuses_exactl
     model = nn.Sequential(layer)
     dr.convert(model, DenoiseConfig(schedule="ddpm", timestep_range=(150, 150), denoiser=form, rank=2),
                example_inputs=x[:1])
-    report = dr.calibrate(model, [x[:2], x[2:]], progress=False)
+    report = dr.calibrate(model, [x[:2], x[2:]], progress=False, **IN_SAMPLE)
     denoiser = only_denoiser(model)
 
     mean, covariance = reference_statistics(layer, x)
-    s2, n = denoiser.sqrt_alpha_bar**2, denoiser.sqrt_one_minus_alpha_bar
+    s, n = coefficients(denoiser)
     eye = torch.eye(covariance.shape[-1], dtype=torch.float64)
-    optimum = n * torch.linalg.inv(s2 * covariance + n**2 * eye)
+    optimum = n * torch.linalg.inv(s**2 * covariance + n**2 * eye)
     if form == "full" or denoiser.U.shape[-1] == covariance.shape[-1]:
-        expected = optimum
-    else:  # identity part + the r leading eigen-directions of the shrinkage
-        values, vectors = torch.linalg.eigh(covariance)
-        weights = s2 * values / (s2 * values + n**2)
-        lead, lead_w = vectors[..., -2:], weights[..., -2:]
-        expected = (eye - (lead * lead_w.unsqueeze(-2)) @ lead.mT) / n
-    torch.testing.assert_close(denoiser.matrix().double(), expected, rtol=2e-4, atol=2e-4 / n)
-    c = -(s2**0.5) * (denoiser.matrix().double() @ mean.reshape(covariance.shape[0], -1, 1)).reshape(-1)
+        torch.testing.assert_close(denoiser.matrix().double(), optimum, rtol=2e-4, atol=2e-4 / n)
+        assert report.after.l2 == pytest.approx(report.after.l2_optimum, rel=1e-4, abs=1e-6)
+    else:  # never worse than keeping only the r leading directions (nor than the identity start)
+        assert report.after.l2 <= leading_directions_loss(covariance, mean, denoiser, 2) + 1e-6
+    c = -s * (denoiser.matrix().double() @ mean.reshape(covariance.shape[0], -1, 1)).reshape(-1)
     torch.testing.assert_close(denoiser.constant().double(), c, rtol=2e-4, atol=2e-4 / n)
-
     assert report.after.l2 < report.before.l2
     assert report.after.l2 >= report.after.l2_optimum - 1e-6
-    if form == "full":
-        assert report.after.l2 == pytest.approx(report.after.l2_optimum, rel=1e-4, abs=1e-6)
-    else:  # what the low-rank form loses: the shrinkage of the directions past the r leading ones
-        values = torch.linalg.eigvalsh(covariance)[..., :-2]
-        lost = ((s2 * values) ** 2 / (n**2 * (s2 * values + n**2))).sum() / x.shape[-1 if linear else 1]
-        assert report.after.l2 - report.after.l2_optimum == pytest.approx(float(lost), rel=1e-3, abs=1e-6)
     assert report.after.layers[0].samples == x.numel() // x.shape[-1 if linear else 1]
 
     with torch.no_grad():
@@ -225,13 +239,13 @@ def test_half_precision_models_calibrate_from_float64_statistics(dtype):
     x = structured_inputs(256, 8, dtype=torch.float32)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype)
     dr.convert(model, DDPM_MID, example_inputs=x[:2].to(dtype))
-    report = dr.calibrate(model, [x[:128].to(dtype), x[128:].to(dtype)], progress=False)
+    report = dr.calibrate(model, [x[:128].to(dtype), x[128:].to(dtype)], progress=False, **IN_SAMPLE)
     first = next(d for name, _, d in dr.layer_denoisers(model) if name == "0")
     assert first.A.dtype == dtype
     reference = x.to(dtype).double()
     centred = reference - reference.mean(0)
     stats = InputStatistics(len(x), reference.mean(0), (centred.T @ centred / len(x)).unsqueeze(0))
-    expected, _ = optimal_denoiser(stats, first)
+    expected = full_rank_optimum(stats, *coefficients(first))
     # Statistics are exact (float32 products of half inputs, float64 sums); A is then rounded to `dtype`.
     torch.testing.assert_close(first.A.double(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
     assert report.after.l2 < report.before.l2
@@ -266,7 +280,7 @@ def test_the_reported_weight_change_is_the_fused_weight_change():
     x = torch.randn(8, 3, 6, 6) + 1
     dr.convert(model, DDPM_MID, example_inputs=x[:2])
     original = model[4].parametrizations.weight.original.detach().clone()
-    report = dr.calibrate(model, [x], progress=False)
+    report = dr.calibrate(model, [x], progress=False, **IN_SAMPLE)
     dr.fuse(model.eval())
     change = float((model[4].weight.detach() - original).norm() / original.norm())
     assert next(layer for layer in report.after.layers if layer.name == "4").weight_change == pytest.approx(change, rel=1e-5)
@@ -285,7 +299,7 @@ def test_a_layer_called_twice_per_forward_is_calibrated_on_both_calls():
     x = structured_inputs(32, 4, dtype=torch.float32)
     with pytest.warns(UserWarning, match="more than once"):
         dr.convert(model, DDPM_MID, example_inputs=x[:2])
-    report = dr.calibrate(model, [x], progress=False)
+    report = dr.calibrate(model, [x], progress=False, **IN_SAMPLE)
     assert report.after.layers[0].samples == 2 * len(x)
 
 
@@ -296,7 +310,7 @@ def test_noise_loss_report_measures_without_changing_the_model_and_agrees_with_c
     state = denoiser_state(model)
     measured = dr.noise_loss_report(model, [x])
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    report = dr.calibrate(model, [x], eval_batches=[x], progress=False)
+    report = dr.calibrate(model, [x], eval_batches=[x], progress=False, **IN_SAMPLE)
     assert measured.l2 == pytest.approx(report.before.l2, rel=1e-6)
     assert measured.l2_optimum == pytest.approx(report.before.l2_optimum, rel=1e-6)
     assert measured.l1 == pytest.approx(report.before.l1, rel=1e-6)  # the same seeded noise
@@ -311,8 +325,8 @@ def test_calibrating_layer_by_layer_leaves_every_layer_at_the_optimum_of_its_fin
     at_once, one_by_one = copy.deepcopy(model), copy.deepcopy(model)
     dr.convert(at_once, config, example_inputs=x[:2])
     dr.convert(one_by_one, config, example_inputs=x[:2])
-    dr.calibrate(at_once, [x], progress=False)
-    report = dr.calibrate(one_by_one, [x], layers_per_pass=1, progress=False)
+    dr.calibrate(at_once, [x], progress=False, **IN_SAMPLE)
+    report = dr.calibrate(one_by_one, [x], layers_per_pass=1, progress=False, **IN_SAMPLE)
     assert report.peak_statistics_bytes == 16 * 16 * 8 + 16 * 8  # one layer's moments at a time
     stale = dr.noise_loss_report(at_once, [x])
     fresh = dr.noise_loss_report(one_by_one, [x])
@@ -322,7 +336,7 @@ def test_calibrating_layer_by_layer_leaves_every_layer_at_the_optimum_of_its_fin
 
     refit = copy.deepcopy(model)
     dr.convert(refit, config, example_inputs=x[:2])
-    report = dr.calibrate(refit, [x], passes=2, progress=False)
+    report = dr.calibrate(refit, [x], passes=2, progress=False, **IN_SAMPLE)
     assert len(report.refit_gaps) == 1
     assert report.refit_gaps[0] == pytest.approx(stale.l2_gap, rel=1e-3)
 
@@ -379,7 +393,7 @@ def test_max_batches_stops_before_the_loader_reads_one_batch_more():
         raise AssertionError("a third batch was read")
 
     report = dr.calibrate(converted_cnn(), two_then_broken(), max_batches=2, progress=False)
-    assert report.after.batches == 2
+    assert report.batches == 2 and report.after.batches == 1  # the second batch is held out
 
 
 def test_a_model_without_denoisers_and_a_one_shot_iterator_for_several_passes_are_refused():
@@ -397,15 +411,24 @@ def ddp_batches():
     return [x[:40], x[40:56], x[56:]]  # uneven: rank 0 gets batches 0 and 2, rank 1 batch 1
 
 
+def step_batches(rank: int | None = None) -> list[torch.Tensor]:
+    """Two steps of two ranks' batches (rank's own, or both concatenated: what one process sees)."""
+    x = structured_inputs(64, 3 * 6 * 6, dtype=torch.float32).reshape(64, 3, 6, 6)
+    steps = [(x[:12], x[12:32]), (x[32:40], x[40:])]  # uneven shards
+    return [step[rank] if rank is not None else torch.cat(step) for step in steps]
+
+
 def _calibrate_worker(rank, world_size, port, result_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
-        model = converted_cnn()
-        dr.calibrate(model, ddp_batches()[rank::world_size], progress=False)
+        in_sample, held_out = converted_cnn(), converted_cnn()
+        dr.calibrate(in_sample, ddp_batches()[rank::world_size], progress=False, **IN_SAMPLE)
+        report = dr.calibrate(held_out, step_batches(rank), progress=False)
         if rank == 0:
-            torch.save(denoiser_state(model), result_file)
+            torch.save({"in_sample": denoiser_state(in_sample), "held_out": denoiser_state(held_out),
+                        "after": torch.tensor(report.after.l2)}, result_file)
     finally:
         dist.destroy_process_group()
 
@@ -414,9 +437,180 @@ def test_two_gloo_processes_calibrate_exactly_as_one_process_on_all_the_batches(
     port = free_port()
     result = tmp_path / "state.pt"
     mp.spawn(_calibrate_worker, args=(2, port, str(result)), nprocs=2, join=True)
-    torch.manual_seed(0)
-    single = converted_cnn()
-    dr.calibrate(single, ddp_batches(), progress=False)
     distributed = torch.load(result, weights_only=True)
-    for key, value in single.state_dict().items():
-        torch.testing.assert_close(distributed[key], value, rtol=1e-5, atol=1e-5 * value.abs().max().item())
+    torch.manual_seed(0)
+    in_sample, held_out = converted_cnn(), converted_cnn()
+    dr.calibrate(in_sample, ddp_batches(), progress=False, **IN_SAMPLE)
+    # Each rank holds out its own batch of step 1: together, one process's step 1.
+    report = dr.calibrate(held_out, step_batches(), progress=False)
+    for key, model in (("in_sample", in_sample), ("held_out", held_out)):
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(distributed[key][name], value, rtol=1e-5, atol=1e-5 * value.abs().max().item())
+    assert float(distributed["after"]) == pytest.approx(report.after.l2, rel=1e-5)
+
+
+# -- the low-rank form: no closed form, never worse than where it starts ---------------------------
+
+
+def numerical_low_rank_optimum(stats: InputStatistics, s: float, n: float, rank: int, starts: int = 3) -> float:
+    """The lowest expected L2 that L-BFGS finds for diag + U V (with its optimal constant −s A μ) from
+    random starts: a numerical optimum of the same parametrization."""
+    groups, d = stats.groups, stats.covariance.shape[-1]
+    best = float("inf")
+    for seed in range(starts):
+        g = torch.Generator().manual_seed(seed)
+        params = [torch.randn(groups, d, generator=g, dtype=torch.float64).requires_grad_(),
+                  (0.3 * torch.randn(groups, d, rank, generator=g, dtype=torch.float64)).requires_grad_(),
+                  (0.3 * torch.randn(groups, rank, d, generator=g, dtype=torch.float64)).requires_grad_()]
+        optimizer = torch.optim.LBFGS(params, lr=1, max_iter=1000, tolerance_grad=1e-13, tolerance_change=1e-15,
+                                      history_size=50, line_search_fn="strong_wolfe")
+
+        def loss():
+            denoiser = LinearDenoiser(torch.zeros(stats.channels, dtype=torch.float64), diag=params[0], U=params[1],
+                                      V=params[2])
+            denoiser.constant = -s * denoiser.times(stats.mean.reshape(groups, d, 1)).reshape(-1)
+            return expected_l2(denoiser, stats, s, n)
+
+        def closure():
+            optimizer.zero_grad()
+            value = loss()
+            value.backward()
+            return value
+
+        for _ in range(3):
+            optimizer.step(closure)
+        best = min(best, float(loss()))
+    return best
+
+
+def spread_inputs(n: int, d: int, seed: int = 3) -> torch.Tensor:
+    """Correlated rows whose channels have standard deviations from 0.5 to 3 and a nonzero mean."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.linalg.qr(torch.randn(d, d, generator=g)).Q
+    return (torch.randn(n, d, generator=g) * torch.linspace(0.5, 3.0, d)) @ mixing + 1.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d-groups"])
+def test_low_rank_calibration_reaches_a_numerical_optimum_of_its_own_parametrization(kind):
+    if kind == "linear":
+        layer, x = nn.Linear(6, 5), spread_inputs(400, 6)
+    else:  # 2 groups of 4 channels
+        layer = nn.Conv2d(8, 4, 3, padding=1, groups=2)
+        x = spread_inputs(16 * 36, 8).reshape(16, 6, 6, 8).movedim(-1, 1).contiguous()
+    model = nn.Sequential(layer)
+    dr.convert(model, DenoiseConfig(schedule="ddpm", timestep_range=(40, 40), denoiser="low_rank", rank=2),
+               example_inputs=x[:2])
+    report = dr.calibrate(model, [x], progress=False, **IN_SAMPLE)
+    mean, covariance = reference_statistics(layer, x)
+    denoiser = only_denoiser(model)
+    s, n = coefficients(denoiser)
+    numerical = numerical_low_rank_optimum(InputStatistics(len(x), mean, covariance), s, n, rank=2)
+    assert report.after.l2 <= numerical * (1 + 1e-5)
+    assert report.after.l2 < report.before.l2
+    assert report.after.l2 <= leading_directions_loss(covariance, mean, denoiser, 2) + 1e-6
+
+
+def test_low_rank_calibration_of_inputs_with_many_strong_directions_stays_below_the_identity_start():
+    # The reported case: 8 channels of spread 0.5–3, rank 4, the authors' schedule (t = 1, β = 1e-4):
+    # the old form gave the 4 directions outside the rank 1/√(1−ᾱ) and took the loss from 1.0 to 6385.
+    model = nn.Sequential(nn.Linear(8, 16))
+    x = spread_inputs(512, 8)
+    dr.convert(model, DenoiseConfig(denoiser="low_rank", rank=4), example_inputs=x[:2])
+    before = dr.noise_loss_report(model, [x]).l2
+    dr.calibrate(model, [x], progress=False, **IN_SAMPLE)
+    after = dr.noise_loss_report(model, [x])
+    assert after.l2 < before and after.l2 - after.l2_optimum < 0.5 * (before - after.l2_optimum)
+
+
+# -- held-out rows: shrinkage, keeping a better denoiser, the report ------------------------------
+
+
+def few_rows_model():
+    model = nn.Sequential(nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 4))
+    dr.convert(model, DenoiseConfig(schedule="ddpm", timestep_range=(20, 20)), example_inputs=torch.randn(2, 48))
+    return model
+
+
+def correlated_batches(count: int, rows: int, d: int = 48, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g) / d**0.5
+    scales = torch.logspace(-1.5, 0.5, d)
+    return [(torch.randn(rows, d, generator=torch.Generator().manual_seed(seed + 1 + i)) * scales) @ mixing
+            for i in range(count)]
+
+
+def test_the_report_is_the_held_out_batches_measured_again_through_the_calibrated_model():
+    model = few_rows_model()
+    batches = correlated_batches(16, 64)
+    report = dr.calibrate(model, batches, progress=False)
+    assert report.held_out and report.after.batches == 2  # batches 1 and 9
+    measured = dr.noise_loss_report(model, [batches[1], batches[9]])
+    for reported, again in zip(report.after.layers, measured.layers):
+        assert reported.l2 == pytest.approx(again.l2, rel=1e-6)
+        assert reported.l2_optimum == pytest.approx(again.l2_optimum, rel=1e-6)
+
+
+def test_few_rows_per_channel_are_shrunk_by_the_held_out_loss_and_generalise_better_than_the_exact_fit():
+    batches = correlated_batches(8, 10)  # 70 fitting rows for 48 channels
+    fresh = correlated_batches(4, 500, seed=100)  # new inputs from the same distribution
+    shrunk, exact = few_rows_model(), few_rows_model()
+    with pytest.warns(UserWarning, match="fewer than 10 input rows per channel"):
+        report = dr.calibrate(shrunk, batches, progress=False)
+    dr.calibrate(exact, batches, progress=False, shrinkage=0.0)
+    assert report.fits[0].shrinkage > 0
+    assert report.after.layers[0].l2 < report.before.layers[0].l2
+    first = [dr.noise_loss_report(model, fresh).layers[0].l2 for model in (shrunk, exact)]
+    assert first[0] < 0.9 * first[1]
+
+
+def test_a_layer_keeps_its_denoiser_when_the_fit_is_worse_on_the_held_out_rows():
+    model = few_rows_model()
+    state = denoiser_state(model)
+    batches = correlated_batches(4, 64)
+    batches[1] = 50 * torch.randn(64, 48)  # held out, and nothing like what is fitted
+    with pytest.warns(UserWarning, match="kept their denoiser"):
+        report = dr.calibrate(model, batches, progress=False)
+    assert report.fits[0].kept
+    first = model[0].parametrizations.weight[0]
+    assert all(torch.equal(p, state[f"0.parametrizations.weight.0.{k}"]) for k, p in first.named_parameters())
+
+
+def test_calibrate_refuses_to_leave_a_layer_above_its_starting_loss_and_restores_the_model():
+    class ShrinksInTheSecondPass:  # the last pass fits inputs unlike the held-out ones the report re-measures
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):  # counts a pass when its first batch is read
+            self.passes += 1
+            scale = 1.0 if self.passes == 1 else 1e-3
+            yield from (scale * batch for batch in correlated_batches(4, 64))
+
+    model = few_rows_model()
+    state = denoiser_state(model)
+    with pytest.raises(CalibrationError, match=r"above their starting noise loss.*0: .*model was left unchanged"):
+        dr.calibrate(model, ShrinksInTheSecondPass(), passes=2, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_activations_too_large_for_float32_products_are_named_and_calibrate_in_float64():
+    model = nn.Sequential(nn.Linear(4, 4))
+    x = 1e20 * spread_inputs(64, 4)
+    dr.convert(model, DDPM_MID, example_inputs=x[:2])
+    with pytest.raises(CalibrationError, match=r"layer 0 receives activations up to .*e\+20.*precision=torch.float64"):
+        dr.calibrate(model, [x[:32], x[32:]], progress=False)
+    report = dr.calibrate(model, [x[:32], x[32:]], progress=False, precision=torch.float64)
+    assert all(torch.isfinite(p).all() for p in only_denoiser(model).parameters())
+    assert report.after.l2 <= report.before.l2
+
+
+def test_the_progress_bar_counts_the_batches_there_are(monkeypatch):
+    totals = []
+    module = sys.modules["denoiserep.calibrate"]  # the attribute `denoiserep.calibrate` is the function
+
+    def recording_tqdm(iterable, **kwargs):
+        totals.append(kwargs["total"])
+        return iterable
+
+    monkeypatch.setattr(module, "tqdm", recording_tqdm)
+    dr.calibrate(converted_cnn(), [torch.randn(2, 3, 6, 6) for _ in range(3)], max_batches=100)
+    assert totals[0] == 3

@@ -1,23 +1,22 @@
-"""`calibrate`: set every layer denoiser to the closed-form optimum of its own noise loss.
+"""`calibrate`: set every layer denoiser to the best linear denoiser of its own noise loss.
 
-Layer i's noise loss (L2 form) is ``E ‖ε − A X_t − c‖²`` with ``X_t = √ᾱ X + √(1−ᾱ) ε``,
-``ε ~ N(0, I)`` independent of the layer input X, and ``c = A e + a``. With the mean μ and the
-covariance Σ of X over the positions the loss sees, its exact minimiser is (per conv group)::
+Layer i's noise loss (L2 form) is ``E ‖ε − A X_t − c‖²`` with ``X_t = √ᾱ X + √(1−ᾱ) ε``; its exact
+minimiser follows from the mean and covariance of the layer's input (`denoiserep.optimum`;
+derivation in ``docs/calibration.md``). One no-grad, eval-mode forward over the user's batches
+accumulates those moments for every converted layer (`denoiserep.moments`, merged exactly across
+torch.distributed ranks).
 
-    A* = √(1−ᾱ) (ᾱ Σ + (1−ᾱ) I)⁻¹           c* = −√ᾱ A* μ     (we store e = −√ᾱ μ, a = 0)
-
-and its minimum is ``(1/C) Σ_groups tr(I − (1−ᾱ)(ᾱ Σ + (1−ᾱ) I)⁻¹)``. The derivation, the low-rank
-form and what the fused layer becomes are in ``docs/calibration.md``.
-
-One no-grad, eval-mode forward over the user's batches accumulates, for every converted layer,
-the count, the sum and the per-group Gram matrix of its input rows (float64 sums of float32
-per-batch products of rows shifted by the first batch's mean, so that a large mean does not
-cancel the variance). Under torch.distributed the moments are merged across ranks exactly.
+A denoiser fitted to a sample is judged on rows it did not see: by default every 8th batch (the
+2nd, 10th, …) is held out. The held-out rows choose how far the covariance is shrunk toward its
+diagonal (few rows per channel otherwise overfit it), decide whether the fit beats the denoiser the
+layer already has, and, after a second forward over them with every layer calibrated, give the
+report: the loss each layer reaches on inputs it did not fit, as the calibrated model produces
+them. `calibrate` never leaves a layer above its starting loss on those rows: it raises
+`CalibrationError` and restores the model instead.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,40 +30,41 @@ from tqdm import tqdm
 
 from .convert import call_model, layer_denoisers, to_device, unwrap
 from .layers import LayerDenoiser
+from .moments import InputStatistics, Moments, NonFiniteMoments, collective_device
+from .optimum import (
+    HeldOutCurve,
+    LinearDenoiser,
+    Spectrum,
+    analytic_shrinkage,
+    cholesky_factor,
+    expected_l2,
+    full_rank_optimum,
+    low_rank_optimum,
+    optimal_l2,
+)
+
+# Below this many input rows per channel (of a group) a layer's covariance is poorly determined.
+FEW_ROWS_PER_CHANNEL = 10
+HOLDOUT_EVERY = 8
 
 
 class CalibrationError(ValueError):
-    """The calibration batches could not be used; the model was left unchanged."""
-
-
-@dataclass
-class InputStatistics:
-    """Mean and covariance of one layer's input channels over the positions its noise loss sees."""
-
-    count: int  # rows (tokens / pixels) seen
-    mean: torch.Tensor  # (channels,) float64
-    covariance: torch.Tensor  # (groups, d, d) float64: the within-group blocks (population covariance)
-    precision: torch.dtype = torch.float64  # dtype the per-batch products were formed in
-
-    @functools.cached_property
-    def min_eigenvalue(self) -> float:
-        """Σ's smallest eigenvalue over groups, computed to the statistics' own precision (directions
-        the input never uses give 0 up to about 1e-7 · λ_max with float32 products, either sign)."""
-        return float(torch.linalg.eigvalsh(self.covariance.to(self.precision)).min())
+    """The calibration batches could not be used, or calibration would leave a layer worse than it
+    was; the model was left unchanged."""
 
 
 @dataclass
 class LayerNoiseLoss:
-    """One layer's noise loss against its optimum, for the denoiser as it is now."""
+    """One layer's noise loss against its optimum on some rows, for the denoiser as it is then."""
 
     name: str
     timestep: int
-    samples: int
-    l2: float  # expected L2 noise loss over ε (exact, given the batches' μ and Σ)
-    l2_optimum: float  # the minimum of that expectation over linear denoisers (closed form)
+    samples: int  # input rows measured
+    l2: float  # expected L2 noise loss over ε (exact, given the rows' μ and Σ)
+    l2_optimum: float  # the minimum of that expectation over linear denoisers, on the same rows
     l1: float | None  # L1 noise loss, sampled with a seeded ε (None when not measured)
     weight_change: float  # ‖W′ − W‖ / ‖W‖: how far the fused weight is from the original
-    min_eigenvalue: float  # smallest eigenvalue of Σ (0: directions the input never uses)
+    rows_per_channel: float  # samples per channel of a group: below ~10 the optimum on these rows is optimistic
 
     @property
     def l2_gap(self) -> float:
@@ -104,14 +104,34 @@ class NoiseLossReport:
 
 
 @dataclass
+class LayerFit:
+    """How one layer was fitted in the last pass."""
+
+    name: str
+    fit_rows: int  # rows the denoiser was fitted to
+    rows_per_channel: float
+    shrinkage: float  # ρ: Σ_ρ = (1 − ρ) Σ + ρ diag(Σ)
+    kept: bool  # the fit was worse than the layer's denoiser on the held-out rows: the latter was kept
+
+
+@dataclass
 class CalibrationReport:
-    """What `calibrate` did: the noise loss per layer before and after, and the cost."""
+    """What `calibrate` did: each layer's noise loss before and after, how it was fitted, the cost.
+
+    With held-out batches (the default), ``before`` is measured on them with the model as it was
+    and ``after`` on them again with every layer calibrated: losses on rows no denoiser was fitted
+    to. Without (``holdout_every=None``, or a single batch), both are in-sample: ``after`` then comes
+    from the statistics each layer was fitted to, before the layers upstream of it changed.
+    """
 
     before: NoiseLossReport
     after: NoiseLossReport
+    fits: list[LayerFit]
+    held_out: bool
+    batches: int  # batches of a pass (the held-out ones included)
     passes: int = 1
-    # For each pass after the first: how far the previous pass's denoisers were from the optimum
-    # of the statistics the refit measured (total expected L2). Near 0: more passes do not matter.
+    # For each pass after the first: how much refitting lowered the total loss on the pass's
+    # held-out rows (fitting rows without a hold-out). Near 0: more passes do not matter.
     refit_gaps: list[float] = field(default_factory=list)
     seconds: float = 0.0
     statistics_seconds: float = 0.0  # of which the forward passes that accumulate the moments
@@ -119,207 +139,102 @@ class CalibrationReport:
 
     def table(self) -> str:
         """Markdown: one row per layer."""
-        header = ("| layer | t | samples | L2 before | L2 after | L2 optimum | L1 before | L1 after "
-                  "| ‖W′−W‖/‖W‖ | λ_min(Σ) |\n|---|---|---|---|---|---|---|---|---|---|")
+        where = "held-out" if self.held_out else "in-sample"
+        header = (f"| layer | t | fit rows / channel | shrinkage ρ | L2 before ({where}) | L2 after ({where}) "
+                  "| L2 optimum | L1 before | L1 after | ‖W′−W‖/‖W‖ |\n|---|---|---|---|---|---|---|---|---|---|")
+        fits = {fit.name: fit for fit in self.fits}
         rows = []
         for old, new in zip(self.before.layers, self.after.layers):
+            fit = fits[new.name]
             l1 = [f"{v:.4f}" if v is not None else "—" for v in (old.l1, new.l1)]
-            rows.append(f"| {new.name} | {new.timestep} | {new.samples:,} | {old.l2:.4f} | {new.l2:.4f} | "
-                        f"{new.l2_optimum:.4f} | {l1[0]} | {l1[1]} | {new.weight_change:.3g} | {new.min_eigenvalue:.3g} |")
+            rho = "kept its denoiser" if fit.kept else f"{fit.shrinkage:.3g}"
+            rows.append(f"| {new.name} | {new.timestep} | {fit.rows_per_channel:.3g} | {rho} | {old.l2:.4f} | "
+                        f"{new.l2:.4f} | {new.l2_optimum:.4f} | {l1[0]} | {l1[1]} | {new.weight_change:.3g} |")
         return "\n".join([header, *rows])
 
     def to_dict(self) -> dict:
-        return {"before": self.before.to_dict(), "after": self.after.to_dict(), "passes": self.passes,
+        return {"before": self.before.to_dict(), "after": self.after.to_dict(),
+                "fits": [asdict(fit) for fit in self.fits], "held_out": self.held_out, "batches": self.batches,
+                "passes": self.passes,
                 "refit_gaps": self.refit_gaps, "seconds": self.seconds, "statistics_seconds": self.statistics_seconds,
                 "peak_statistics_bytes": self.peak_statistics_bytes}
 
 
-# -- the closed form ------------------------------------------------------------------------------
+# -- one layer ------------------------------------------------------------------------------------
 
 
-def optimal_denoiser(stats: InputStatistics, denoiser: LayerDenoiser) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A*, c*)``: A* as (groups, d, d) float64 blocks, c* = −√ᾱ A* μ as (channels,)."""
-    # ᾱ Σ + (1 − ᾱ) I is SPD because 1 − ᾱ_t ≥ β_1 > 0, so its Cholesky factor exists, unless
-    # rounding made some eigenvalue of Σ more negative than −(1 − ᾱ)/ᾱ: then clamp the spectrum.
-    factor, info = torch.linalg.cholesky_ex(_shrink_matrix(stats, denoiser))
-    if bool((info == 0).all()):
-        inverse = torch.cholesky_inverse(factor)
+def linear_denoiser(denoiser: LayerDenoiser, parameters: dict[str, torch.Tensor] | None = None) -> LinearDenoiser:
+    """The denoiser's affine map ε̂ = A x + c in float64, from its parameters (or from ``parameters``,
+    by name, e.g. a snapshot); a diagonal full A is kept diagonal (O(d) to evaluate)."""
+    values = {name: p.detach().double() for name, p in denoiser.named_parameters()}
+    values.update({name: p.detach().double() for name, p in (parameters or {}).items()})
+    g, d = denoiser.groups, denoiser.group_channels
+    if denoiser.form == "low_rank":
+        linear = LinearDenoiser(values["a"], diag=values["A_diag"], U=values["U"], V=values["V"])
     else:
-        values, vectors = torch.linalg.eigh(stats.covariance)
-        inverse = (vectors / _shrink_denominator(values.clamp_min(0.0), denoiser).unsqueeze(-2)) @ vectors.mT
-    matrix = denoiser.sqrt_one_minus_alpha_bar * inverse
-    return matrix, -denoiser.sqrt_alpha_bar * _grouped_matvec(matrix, stats.mean)
+        diagonal = torch.diagonal(values["A"], dim1=-2, dim2=-1)
+        if torch.equal(values["A"], torch.diag_embed(diagonal)):  # e.g. the identity start
+            empty = values["A"].new_zeros(g, d, 0)
+            linear = LinearDenoiser(values["a"], diag=diagonal, U=empty, V=empty.mT)
+        else:
+            linear = LinearDenoiser(values["a"], matrix=values["A"])
+    linear.constant = linear.times(values["e"].reshape(g, d, 1)).reshape(-1) + values["a"]  # A e + a
+    return linear
 
 
-def optimal_l2_loss(optimal_matrix: torch.Tensor, denoiser: LayerDenoiser) -> float:
-    """The smallest expected L2 noise loss, from A*: ``(1/C) tr(I − (1−ᾱ)(ᾱΣ + (1−ᾱ)I)⁻¹)
-    = (1/C) (C − √(1−ᾱ) tr A*) = (1/C) Σ_k ᾱλ_k / (ᾱλ_k + 1 − ᾱ)`` (λ_k: the eigenvalues of Σ)."""
-    trace = float(torch.diagonal(optimal_matrix, dim1=-2, dim2=-1).sum())
-    return 1.0 - denoiser.sqrt_one_minus_alpha_bar * trace / denoiser.channels
-
-
-def expected_l2_loss(matrix: torch.Tensor, constant: torch.Tensor, stats: InputStatistics,
-                     denoiser: LayerDenoiser) -> torch.Tensor:
-    """``E_{X,ε} mean‖ε − A X_t − c‖²`` for a denoiser (A as (groups, d, d), c as (channels,)).
-
-    ``= (1/C) [‖I − √(1−ᾱ) A‖²_F + ᾱ tr(A Σ Aᵀ) + ‖√ᾱ A μ + c‖²]``: the noise and the input's
-    spread and offset contribute independently because ε is independent of X and zero-mean.
-    Computed in ``matrix``'s dtype; differentiable in ``matrix`` and ``constant`` (the tests check
-    the optimum's gradient).
-    """
+def fit_layer(denoiser: LayerDenoiser, fit: InputStatistics, heldout: InputStatistics | None,
+              shrinkage: str | float) -> tuple[LinearDenoiser, float]:
+    """The best linear denoiser for ``fit``'s rows, Σ shrunk by ρ chosen on ``heldout``'s rows
+    (``shrinkage="auto"``; without held-out rows, by `analytic_shrinkage`) or given; returns it and ρ."""
     s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
-    covariance, mean = stats.covariance.to(matrix.dtype), stats.mean.to(matrix.dtype)
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    noise_part = (eye - n * matrix).square().sum()
-    spread_part = s**2 * ((matrix @ covariance) * matrix).sum()
-    offset_part = (s * _grouped_matvec(matrix, mean) + constant).square().sum()
-    return (noise_part + spread_part + offset_part) / denoiser.channels
+    spectrum = None
+    if shrinkage == "auto" and heldout is not None:
+        spectrum = Spectrum.of(fit, s, n)
+        rho, _ = HeldOutCurve(spectrum, heldout, fit.mean, s, n).minimise()
+    else:
+        rho = analytic_shrinkage(fit) if shrinkage == "auto" else float(shrinkage)
+    if denoiser.form == "full":
+        matrix = spectrum.optimum(n, rho) if spectrum is not None else full_rank_optimum(fit, s, n, rho)
+        fitted = LinearDenoiser(torch.empty(0), matrix=matrix)
+    else:
+        factor, inverse_transpose = spectrum.factor(rho) if spectrum is not None else cholesky_factor(fit, s, n, rho)
+        current = linear_denoiser(denoiser)
+        identity = torch.full_like(current.diag, (denoiser.c3 - 1.0) / denoiser.c1)
+        candidates = [(current.diag, current.U, current.V), (identity, torch.zeros_like(current.U), current.V)]
+        diag, u, v = low_rank_optimum(factor, inverse_transpose, n, current.U.shape[-1], candidates)
+        fitted = LinearDenoiser(torch.empty(0), diag=diag, U=u, V=v)
+    # The optimal constant for this A: c = −s A μ (stored as e = −s μ, a = 0; see `assign`).
+    fitted.constant = -s * fitted.times(fit.mean.reshape(fit.groups, -1, 1)).reshape(-1)
+    return fitted, rho
 
 
-def _shrink_matrix(stats: InputStatistics, denoiser: LayerDenoiser) -> torch.Tensor:
-    """ᾱ Σ + (1 − ᾱ) I per group."""
-    eye = torch.eye(stats.covariance.shape[-1], dtype=torch.float64, device=stats.covariance.device)
-    return denoiser.sqrt_alpha_bar**2 * stats.covariance + denoiser.sqrt_one_minus_alpha_bar**2 * eye
-
-
-def _shrink_denominator(eigenvalues: torch.Tensor, denoiser: LayerDenoiser) -> torch.Tensor:
-    return denoiser.sqrt_alpha_bar**2 * eigenvalues + denoiser.sqrt_one_minus_alpha_bar**2
-
-
-def _shrinkage(eigenvalues: torch.Tensor, denoiser: LayerDenoiser) -> torch.Tensor:
-    """w = ᾱλ / (ᾱλ + 1 − ᾱ) ∈ [0, 1): how much of each eigen-direction the optimum predicts away."""
-    return denoiser.sqrt_alpha_bar**2 * eigenvalues / _shrink_denominator(eigenvalues, denoiser)
-
-
-def _grouped_matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    groups, d = matrix.shape[0], matrix.shape[-1]
-    return (matrix @ vector.reshape(groups, d, 1)).reshape(-1)
-
-
-def set_optimal(denoiser: LayerDenoiser, stats: InputStatistics, optimal_matrix: torch.Tensor) -> None:
-    """Write the optimum (``optimal_matrix``: A* from `optimal_denoiser`) into the denoiser's
-    parameters, in place, in their own dtype.
-
-    Full form: A ← A*. Low-rank form (A = diag + U V): A* = (1/√(1−ᾱ)) (I − Q diag(w) Qᵀ) with
-    Σ = Q diag(λ) Qᵀ and w = ᾱλ / (ᾱλ + 1 − ᾱ); the diagonal takes the identity part and U V the
-    r leading eigen-directions (those with the largest w); the others' shrinkage is lost.
-    Both: e ← −√ᾱ μ and a ← 0, so ``A e + a = −√ᾱ A μ``, the optimal constant for that A.
-    """
+def assign(denoiser: LayerDenoiser, fitted: LinearDenoiser, fit_mean: torch.Tensor) -> None:
+    """Write a fitted denoiser into the layer's parameters, in place, in their own dtype: A (or its
+    diagonal and factors), e = −√ᾱ μ and a = 0, so that A e + a = −√ᾱ A μ is optimal for that A and
+    stays so if A trains further."""
     with torch.no_grad():
         if denoiser.form == "full":
-            denoiser.A.copy_(optimal_matrix)
+            denoiser.A.copy_(fitted.matrix)
         else:
-            eigenvalues, eigenvectors = torch.linalg.eigh(stats.covariance)  # ascending
-            n = denoiser.sqrt_one_minus_alpha_bar
-            weights = _shrinkage(eigenvalues.clamp_min(0.0), denoiser)
-            rank = denoiser.U.shape[-1]
-            leading, leading_weights = eigenvectors[..., -rank:], weights[..., -rank:]
-            denoiser.A_diag.fill_(1.0 / n)
-            denoiser.U.copy_(-(leading * leading_weights.unsqueeze(-2)) / n)
-            denoiser.V.copy_(leading.mT)
-        denoiser.e.copy_(-denoiser.sqrt_alpha_bar * stats.mean)
+            denoiser.A_diag.copy_(fitted.diag)
+            denoiser.U.copy_(fitted.U)
+            denoiser.V.copy_(fitted.V)
+        denoiser.e.copy_(-denoiser.sqrt_alpha_bar * fit_mean)
         denoiser.a.zero_()
 
 
-# -- accumulating the moments ---------------------------------------------------------------------
-
-
-class _Moments:
-    """Running float64 sums of one layer's input rows: count, Σ (x − shift), Σ (x − shift)(x − shift)ᵀ
-    per group, with the shift = the first batch's mean (the shifted-data algorithm)."""
-
-    def __init__(self, denoiser: LayerDenoiser, precision: torch.dtype):
-        self.groups, self.group_channels = denoiser.groups, denoiser.group_channels
-        self.precision = precision
-        self.count = 0
-        self.shift: torch.Tensor | None = None
-        self.sum: torch.Tensor | None = None
-        self.gram: torch.Tensor | None = None
-
-    def add(self, rows: torch.Tensor) -> bool:
-        """Add rows (M, channels); False if they hold NaN or inf (nothing is added then)."""
-        rows = rows.to(torch.promote_types(rows.dtype, self.precision))
-        self.precision = rows.dtype  # a float64 model's rows stay float64
-        if self.shift is None:
-            self.shift = rows.mean(dim=0)
-        centred = rows - self.shift
-        row_sum = centred.sum(dim=0).double()  # centred: small values, a float32 sum is accurate
-        if not bool(torch.isfinite(row_sum).all()):
-            return False
-        if self.sum is None:
-            self.sum = torch.zeros_like(row_sum)
-            shape = (self.groups, self.group_channels, self.group_channels)
-            self.gram = torch.zeros(shape, dtype=torch.float64, device=row_sum.device)
-        self.sum += row_sum
-        per_group = centred.reshape(-1, self.groups, self.group_channels)
-        if self.groups == 1:
-            _add_upper_gram(self.gram[0], centred)
-        elif self.group_channels == 1:  # depthwise: one variance per channel
-            self.gram += per_group.square().sum(dim=0).unsqueeze(-1).double()
-        else:
-            self.gram += torch.einsum("mgi,mgj->gij", per_group, per_group).double()
-        self.count += rows.shape[0]
-        return True
-
-    def _symmetric_gram(self) -> torch.Tensor:
-        if self.groups > 1:
-            return self.gram
-        upper = torch.triu(self.gram[0])  # `_add_upper_gram` filled the upper block rows only
-        return (upper + torch.triu(upper, 1).T).unsqueeze(0)
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.gram is None else (self.gram.numel() + self.sum.numel()) * 8
-
-    def statistics(self) -> InputStatistics | None:
-        """Mean and covariance, merged over torch.distributed ranks (None if no rank saw a row)."""
-        count = self.count
-        if count:
-            local_mean = self.shift.double() + self.sum / count
-            sums = self.sum.reshape(self.groups, self.group_channels)
-            scatter = self._symmetric_gram() - sums.unsqueeze(-1) * sums.unsqueeze(-2) / count
-        if not (dist.is_available() and dist.is_initialized()):
-            if not count:
-                return None
-            return InputStatistics(count, local_mean, scatter / count, self.precision)
-        return self._merged(count, local_mean if count else None, scatter if count else None)
-
-    def _merged(self, count: int, local_mean, scatter) -> InputStatistics | None:
-        # Chan et al.'s parallel merge: exact, whatever shift each rank used.
-        device = self.gram.device if self.gram is not None else _collective_device()
-        channels = self.groups * self.group_channels
-        totals = torch.zeros(channels + 1, dtype=torch.float64, device=device)
-        if count:
-            totals[0], totals[1:] = count, count * local_mean
-        dist.all_reduce(totals)
-        total = int(totals[0].item())
-        shape = (self.groups, self.group_channels, self.group_channels)
-        merged = torch.zeros(shape, dtype=torch.float64, device=device)
-        if count:
-            mean = totals[1:] / total
-            offset = (local_mean - mean).reshape(self.groups, self.group_channels)
-            merged = scatter + count * offset.unsqueeze(-1) * offset.unsqueeze(-2)
-        dist.all_reduce(merged)
-        if not total:
-            return None
-        return InputStatistics(total, totals[1:] / total, merged / total, self.precision)
-
-
-# Gram matrices are accumulated by block rows of this many channels, upper blocks only: xᵀx is
-# symmetric, so this skips almost half the products of a wide layer (fc2 of ViT-S: 62%).
-GRAM_BLOCK = 256
-
-
-def _add_upper_gram(accumulator: torch.Tensor, rows: torch.Tensor) -> None:
-    """``accumulator[i, j] += Σ_m rows[m, i] rows[m, j]`` on and above the diagonal blocks (float64)."""
-    channels = rows.shape[1]
-    for start in range(0, channels, GRAM_BLOCK):
-        stop = min(start + GRAM_BLOCK, channels)
-        accumulator[start:stop, start:] += (rows[:, start:stop].T @ rows[:, start:]).double()
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+def _layer_loss(name: str, layer: nn.Module, denoiser: LayerDenoiser, stats: InputStatistics,
+                l1: float | None = None, l2: float | None = None) -> LayerNoiseLoss:
+    s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
+    if l2 is None:
+        l2 = float(expected_l2(linear_denoiser(denoiser), stats, s, n))
+    with torch.no_grad():
+        dtype = torch.promote_types(denoiser.a.dtype, torch.float32)
+        weight = layer.parametrizations.weight.original.to(dtype)
+        change = torch.linalg.vector_norm(denoiser(weight) - weight) / torch.linalg.vector_norm(weight).clamp_min(1e-30)
+    return LayerNoiseLoss(name=name, timestep=denoiser.timestep, samples=stats.count, l2=l2,
+                          l2_optimum=optimal_l2(stats, s, n), l1=l1, weight_change=float(change),
+                          rows_per_channel=stats.rows_per_channel)
 
 
 # -- forward passes -------------------------------------------------------------------------------
@@ -330,8 +245,10 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None,
-                 on_input: dict[nn.Module, Callable[[torch.Tensor], None]], progress: bool, desc: str) -> int:
-    """One eval-mode, no-grad pass; ``on_input[layer](x)`` sees every call's input. Returns #batches."""
+                 on_input: dict[nn.Module, Callable[[torch.Tensor], None]], progress: bool, desc: str, *,
+                 before_batch: Callable[[int, Any], None] | None = None, allow_empty: bool = False) -> int:
+    """One eval-mode, no-grad pass; ``on_input[layer](x)`` sees every call's input, ``before_batch(i,
+    batch)`` every batch as it came. Returns the number of batches."""
     handles = [layer.register_forward_pre_hook(lambda module, args, fn=fn: fn(args[0]))
                for layer, fn in on_input.items()]
     training = {m: m.training for m in model.modules()}
@@ -339,19 +256,18 @@ def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None,
     count = 0
     try:
         model.eval()
-        total = max_batches if max_batches is not None else _length(batches)
+        known = _length(batches)
+        total = known if max_batches is None else (max_batches if known is None else min(known, max_batches))
         # W′ does not change during a pass: compute each layer's once (parametrize's cache).
         with torch.no_grad(), parametrize.cached():
             for batch in tqdm(batches, desc=desc, total=total, leave=False, disable=None if progress else True):
-                batch = to_device(batch, device)
+                if before_batch is not None:
+                    before_batch(count, batch)
+                moved = to_device(batch, device)
                 try:
-                    call_model(model, batch)
+                    call_model(model, moved)
                 except _NonFiniteInput as error:
-                    raise CalibrationError(
-                        f"layer {error.layer} receives NaN or inf on calibration batch {count}: the model or the "
-                        "data produce non-finite activations (check the inputs' normalisation and the weights). "
-                        "The model was left unchanged."
-                    ) from None
+                    raise CalibrationError(error.message(count)) from None
                 except Exception as error:
                     raise CalibrationError(_rejected_message(count, batch, error)) from error
                 count += 1
@@ -362,7 +278,7 @@ def _run_batches(model: nn.Module, batches: Iterable, max_batches: int | None,
             handle.remove()
         for module, was_training in training.items():
             module.training = was_training
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise CalibrationError(
             "calibrate() got no batches: the iterable is empty (or was already consumed). Pass inputs the "
             "model accepts, e.g. (x for x, _ in train_loader), or a list of tensors. The model was left unchanged."
@@ -388,31 +304,69 @@ def _rejected_message(index: int, batch: Any, error: Exception) -> str:
 
 
 class _NonFiniteInput(Exception):
-    def __init__(self, layer: str):
+    def __init__(self, layer: str, overflow: bool, magnitude: float):
         super().__init__(layer)
-        self.layer = layer
+        self.layer, self.overflow, self.magnitude = layer, overflow, magnitude
+
+    def message(self, batch: int) -> str:
+        if self.overflow:
+            return (f"layer {self.layer} receives activations up to {self.magnitude:.3g} on calibration batch "
+                    f"{batch}: their products x xᵀ overflow float32. Pass precision=torch.float64 to calibrate(), "
+                    "or check the inputs' normalisation and the weights. The model was left unchanged.")
+        return (f"layer {self.layer} receives NaN or inf on calibration batch {batch}: the model or the data "
+                "produce non-finite activations (check the inputs' normalisation and the weights). "
+                "The model was left unchanged.")
 
 
-def _collect_statistics(model: nn.Module, layers: list[tuple[str, nn.Module, LayerDenoiser]], batches: Iterable,
-                        max_batches: int | None, progress: bool, precision: torch.dtype, desc: str = "calibrate",
-                        l1: "_L1Meter | None" = None) -> tuple[dict[str, InputStatistics | None], int, int]:
-    """Statistics of each layer's input (and, with ``l1``, the sampled L1 loss) in one pass."""
-    moments = {name: _Moments(denoiser, precision) for name, _, denoiser in layers}
+@dataclass
+class _Collected:
+    fit: dict[str, InputStatistics | None]
+    heldout: dict[str, InputStatistics | None]
+    batches: int
+    peak_bytes: int
+
+    @property
+    def held_out(self) -> bool:
+        return any(stats is not None for stats in self.heldout.values())
+
+
+def _collect(model: nn.Module, layers: list[tuple[str, nn.Module, LayerDenoiser]], batches: Iterable,
+             max_batches: int | None, progress: bool, precision: torch.dtype, *, holdout_every: int | None = None,
+             cache: list | None = None, l1: "_L1Meter | None" = None, desc: str = "calibrate",
+             allow_empty: bool = False) -> _Collected:
+    """Each layer's input moments in one pass: batches ``1, 1 + k, 1 + 2k, …`` (k = ``holdout_every``)
+    into the held-out moments (and, as they came, into ``cache``), the others into the fitting ones."""
+    fit = {name: Moments(d.groups, d.group_channels, precision) for name, _, d in layers}
+    heldout = {name: Moments(d.groups, d.group_channels, precision) for name, _, d in layers} if holdout_every else {}
+    routing = {"heldout": False}
+
+    def before_batch(index: int, batch: Any) -> None:
+        routing["heldout"] = bool(holdout_every) and index % holdout_every == 1
+        if routing["heldout"] and cache is not None:
+            cache.append(batch)
 
     def observer(name: str, denoiser: LayerDenoiser) -> Callable[[torch.Tensor], None]:
         def observe(x: torch.Tensor) -> None:
             rows = denoiser.input_rows(x)
-            if not moments[name].add(rows):
-                raise _NonFiniteInput(name)
+            try:
+                (heldout if routing["heldout"] else fit)[name].add(rows)
+            except NonFiniteMoments:
+                finite = rows[torch.isfinite(rows)]
+                overflow = finite.numel() == rows.numel()
+                raise _NonFiniteInput(name, overflow, float(finite.abs().max()) if overflow else 0.0) from None
             if l1 is not None:
                 l1.add(name, denoiser, rows)
 
         return observe
 
     hooks = {layer: observer(name, denoiser) for name, layer, denoiser in layers}
-    count = _run_batches(model, batches, max_batches, hooks, progress, desc)
-    peak = sum(m.nbytes for m in moments.values())
-    return {name: m.statistics() for name, m in moments.items()}, count, peak
+    count = _run_batches(model, batches, max_batches, hooks, progress, desc, before_batch=before_batch,
+                         allow_empty=allow_empty)
+    peak = sum(m.nbytes for m in [*fit.values(), *heldout.values()])
+    # Under torch.distributed every rank merges every layer's moments, in the same order.
+    fit_stats = {name: fit[name].statistics() for name, _, _ in layers}
+    heldout_stats = {name: heldout[name].statistics() if heldout else None for name, _, _ in layers}
+    return _Collected(fit_stats, heldout_stats, count, peak)
 
 
 class _L1Meter:
@@ -441,52 +395,21 @@ class _L1Meter:
         if dist.is_available() and dist.is_initialized():
             names = sorted(counts)
             packed = torch.tensor([[sums[n], counts[n]] for n in names], dtype=torch.float64,
-                                  device=_collective_device()).reshape(-1, 2)
+                                  device=collective_device()).reshape(-1, 2)
             dist.all_reduce(packed)
             sums = {n: float(packed[i, 0]) for i, n in enumerate(names)}
             counts = {n: float(packed[i, 1]) for i, n in enumerate(names)}
         return {name: sums[name] / counts[name] for name in counts if counts[name]}
 
 
-def _measure_l1(model: nn.Module, layers, batches: Iterable, max_batches: int | None, seed: int,
-                progress: bool) -> dict[str, float]:
+
+
+def _measure_l1(model: nn.Module, layers, batches: Iterable, seed: int, progress: bool) -> dict[str, float]:
     meter = _L1Meter(seed)
     hooks = {layer: (lambda x, name=name, denoiser=denoiser: meter.add(name, denoiser, denoiser.input_rows(x)))
              for name, layer, denoiser in layers}
-    _run_batches(model, batches, max_batches, hooks, progress, "noise loss (L1)")
+    _run_batches(model, batches, None, hooks, progress, "noise loss (L1)")
     return meter.values()
-
-
-# -- reports ---------------------------------------------------------------------------------------
-
-
-def _layer_report(name: str, layer: nn.Module, denoiser: LayerDenoiser, stats: InputStatistics,
-                  optimal_matrix: torch.Tensor, l1: float | None) -> LayerNoiseLoss:
-    with torch.no_grad():
-        # The denoiser's own precision (float32 at least): the reported losses need no more.
-        dtype = torch.promote_types(denoiser.a.dtype, torch.float32)
-        l2 = expected_l2_loss(denoiser.matrix().to(dtype), denoiser.constant().to(dtype), stats, denoiser)
-        weight = layer.parametrizations.weight.original.to(dtype)
-        change = torch.linalg.vector_norm(denoiser(weight) - weight) / torch.linalg.vector_norm(weight).clamp_min(1e-30)
-    return LayerNoiseLoss(
-        name=name, timestep=denoiser.timestep, samples=stats.count, l2=float(l2),
-        l2_optimum=optimal_l2_loss(optimal_matrix, denoiser), l1=l1, weight_change=float(change),
-        min_eigenvalue=stats.min_eigenvalue,
-    )
-
-
-def _optima(layers, statistics: dict[str, InputStatistics | None]) -> dict[str, torch.Tensor]:
-    """A* of every layer that has statistics (one float64 Cholesky solve each)."""
-    return {name: optimal_denoiser(statistics[name], denoiser)[0]
-            for name, _, denoiser in layers if statistics[name] is not None}
-
-
-def _report(layers, statistics: dict[str, InputStatistics | None], optima: dict[str, torch.Tensor],
-            l1: dict[str, float] | None, batches: int) -> NoiseLossReport:
-    rows = [_layer_report(name, layer, denoiser, statistics[name], optima[name],
-                          None if l1 is None else l1.get(name))
-            for name, layer, denoiser in layers if statistics[name] is not None]
-    return NoiseLossReport(rows, batches)
 
 
 def _converted_layers(model: nn.Module) -> list[tuple[str, nn.Module, LayerDenoiser]]:
@@ -498,14 +421,7 @@ def _converted_layers(model: nn.Module) -> list[tuple[str, nn.Module, LayerDenoi
     return layers
 
 
-def _warn_unseen(statistics: dict[str, InputStatistics | None]) -> None:
-    unseen = [name for name, stats in statistics.items() if stats is None]
-    if unseen:
-        warnings.warn(
-            f"{len(unseen)} converted layers never ran on the calibration batches and keep their denoisers: "
-            f"{', '.join(unseen[:10])}{' …' if len(unseen) > 10 else ''}",
-            stacklevel=3,
-        )
+# -- the public functions -------------------------------------------------------------------------
 
 
 def noise_loss_report(model: nn.Module, batches: Iterable, *, max_batches: int | None = None, seed: int = 0,
@@ -513,20 +429,25 @@ def noise_loss_report(model: nn.Module, batches: Iterable, *, max_batches: int |
     """Each converted layer's noise loss now (exact expected L2, and L1 sampled with a seeded ε)
     next to its closed-form optimum on the same batches; the model is not changed.
 
-    ``batches`` holds model inputs only, as for `calibrate`.
+    ``batches`` holds model inputs only, as for `calibrate`. The optimum is that of these batches'
+    own rows: with few rows per channel (``LayerNoiseLoss.rows_per_channel`` below ~10) it is lower
+    than any denoiser could reach on new inputs, and the gap looks larger than it is.
     """
     model = unwrap(model)
     layers = _converted_layers(model)
     meter = _L1Meter(seed)
-    statistics, count, _ = _collect_statistics(model, layers, batches, max_batches, progress, precision,
-                                               "noise loss", meter)
-    return _report(layers, statistics, _optima(layers, statistics), meter.values(), count)
+    collected = _collect(model, layers, batches, max_batches, progress, precision, l1=meter, desc="noise loss")
+    l1 = meter.values()
+    rows = [_layer_loss(name, layer, denoiser, collected.fit[name], l1=l1.get(name))
+            for name, layer, denoiser in layers if collected.fit[name] is not None]
+    return NoiseLossReport(rows, collected.batches)
 
 
 def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = None, passes: int = 1,
-              layers_per_pass: int | None = None, eval_batches: Iterable | None = None,
+              layers_per_pass: int | None = None, holdout_every: int | None = HOLDOUT_EVERY,
+              shrinkage: str | float = "auto", eval_batches: Iterable | None = None,
               precision: torch.dtype = torch.float32, progress: bool = True) -> CalibrationReport:
-    """Set every layer denoiser of a converted model to the closed-form optimum of its noise loss.
+    """Set every layer denoiser of a converted model to the best linear denoiser of its noise loss.
 
     ``batches`` yields model inputs only: a tensor, a tuple of positional arguments or a dict of
     keyword arguments per batch, as ``example_inputs``. For a DataLoader of ``(x, y)`` pairs pass
@@ -534,20 +455,27 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
     mode without gradients (BatchNorm statistics and dropout as at inference; the model's train /
     eval flags are restored), so no label is needed: this is label-free DenoiseRep at its optimum.
 
+    - ``holdout_every``: batches 1, 1 + k, 1 + 2k, … (0-based, k = ``holdout_every``) are held out:
+      not fitted to, but used to choose the shrinkage, to keep a layer's denoiser where the fit is
+      worse, and for the report, measured on them again once every layer is calibrated (they are
+      kept in memory for that second pass). ``None``: fit every batch, report in-sample.
+    - ``shrinkage``: ``"auto"`` shrinks each layer's covariance toward its diagonal by the ρ that
+      minimises the held-out loss (without held-out rows: a Gaussian estimate of the sampling
+      error); a number in [0, 1] fixes ρ (0: the exact optimum of the fitting rows).
     - ``max_batches``: stop after this many batches.
     - ``passes``: refit every layer this many times; each later pass measures the layers' inputs
       with the earlier layers already calibrated. ``CalibrationReport.refit_gaps`` says how much
       that changed.
-    - ``layers_per_pass``: bound the memory (one float64 d × d per group and layer) by calibrating
-      this many layers per pass, in execution order (each group sees the ones before it calibrated).
+    - ``layers_per_pass``: bound the memory (float64 d × d per group and layer, twice with a
+      hold-out) by calibrating this many layers per pass, in execution order.
     - ``eval_batches``: also measure the L1 noise loss before and after on these batches.
     - ``precision``: dtype of the per-batch products x xᵀ (sums are always float64). float32 is
-      fast; it resolves input directions down to about 1e-7 of the largest variance, which is what
-      the optimum needs unless t is tiny and the activations huge. float64 is exact and on CPU
-      about twice as slow. Half-precision models are measured in float32 at least.
+      fast and resolves input directions down to about 1e-7 of the largest variance; float64 is
+      exact, needed for activations beyond ~1e19, and on a CPU about twice as slow.
 
-    ``passes > 1`` and ``layers_per_pass`` iterate ``batches`` several times: pass a DataLoader or a
-    list, not a one-shot generator. Any error leaves the model unchanged.
+    Raises `CalibrationError` (the model unchanged) on unusable batches, and when a calibrated layer
+    would end above its starting loss on the held-out rows. ``passes > 1`` and ``layers_per_pass`` go
+    over ``batches`` several times: pass a DataLoader or a list, not a one-shot generator.
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
@@ -555,6 +483,11 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     if layers_per_pass is not None and layers_per_pass < 1:
         raise ValueError(f"layers_per_pass must be >= 1 or None, got {layers_per_pass}")
+    if holdout_every is not None and (isinstance(holdout_every, bool) or not isinstance(holdout_every, int)
+                                      or holdout_every < 2):
+        raise ValueError(f"holdout_every must be an integer >= 2 (every k-th batch held out) or None, got {holdout_every!r}")
+    if shrinkage != "auto" and not (isinstance(shrinkage, (int, float)) and 0.0 <= float(shrinkage) <= 1.0):
+        raise ValueError(f"shrinkage must be 'auto' or a number in [0, 1], got {shrinkage!r}")
     model = unwrap(model)
     layers = _converted_layers(model)
     chunk = layers_per_pass or len(layers)
@@ -565,48 +498,123 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
             "iterator (e.g. a generator); pass a DataLoader or a list of inputs"
         )
     start = time.perf_counter()
-    l1_before = _measure_l1(model, layers, eval_batches, None, 0, progress) if eval_batches is not None else None
-    # Later passes and chunks change parameters before the last statistics are in: keep a copy to
-    # restore if anything fails. (One pass over all layers assigns only after every check passed.)
-    snapshot = {id(p): p.detach().clone() for _, _, d in layers for p in d.parameters()} \
-        if passes > 1 or len(chunks) > 1 else None
-    before: list[LayerNoiseLoss] = []
-    after_stats: dict[str, InputStatistics | None] = {}
-    after_optima: dict[str, torch.Tensor] = {}
+    l1_before = _measure_l1(model, layers, eval_batches, 0, progress) if eval_batches is not None else {}
+    # Every change is undone if anything fails, including the final check against the start.
+    snapshot = {name: {k: p.detach().clone() for k, p in denoiser.named_parameters()} for name, _, denoiser in layers}
+    before: dict[str, LayerNoiseLoss] = {}
+    fits: dict[str, LayerFit] = {}
+    fitted_on: dict[str, InputStatistics] = {}
+    heldout_batches: list = []
     refit_gaps: list[float] = []
     peak = count = 0
     statistics_seconds = 0.0
+    held_out = False
     try:
         for pass_index in range(passes):
             refit_gap = 0.0
-            for group in chunks:
+            for chunk_index, group in enumerate(chunks):
                 pass_start = time.perf_counter()
-                statistics, count, nbytes = _collect_statistics(model, group, batches, max_batches, progress,
-                                                                precision)
+                collected = _collect(model, group, batches, max_batches, progress, precision,
+                                     holdout_every=holdout_every,
+                                     cache=heldout_batches if pass_index == chunk_index == 0 else None)
                 statistics_seconds += time.perf_counter() - pass_start
-                peak = max(peak, nbytes)
-                optima = _optima(group, statistics)
-                report = _report(group, statistics, optima, l1_before if pass_index == 0 else None, count)
-                if pass_index == 0:
-                    before += report.layers
-                else:
-                    refit_gap += report.l2_gap
-                for name, _, denoiser in group:
-                    if statistics[name] is not None:
-                        set_optimal(denoiser, statistics[name], optima[name])
-                after_stats.update(statistics)
-                after_optima.update(optima)
+                peak, count, held_out = max(peak, collected.peak_bytes), collected.batches, collected.held_out
+                for name, layer, denoiser in group:
+                    fit, heldout = collected.fit[name], collected.heldout[name]
+                    if fit is None:
+                        continue
+                    measured = heldout if heldout is not None else fit
+                    s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
+                    current_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n))
+                    if pass_index == 0:
+                        before[name] = _layer_loss(name, layer, denoiser, measured, l1_before.get(name), current_l2)
+                    fitted, rho = fit_layer(denoiser, fit, heldout, shrinkage)
+                    fitted_l2 = float(expected_l2(fitted, measured, s, n))
+                    kept = fitted_l2 > current_l2
+                    if not kept:
+                        assign(denoiser, fitted, fit.mean)
+                    fits[name] = LayerFit(name, fit.count, fit.rows_per_channel, rho, kept)
+                    fitted_on[name] = fit
+                    refit_gap += current_l2 - min(fitted_l2, current_l2)
             if pass_index > 0:
                 refit_gaps.append(refit_gap)
+        after, worse = _after(model, chunks, snapshot, fitted_on, heldout_batches if held_out else None,
+                              progress, precision)
+        if worse:
+            raise CalibrationError(_worse_message(worse, held_out))
     except BaseException:
-        if snapshot is not None:
-            with torch.no_grad():
-                for _, _, denoiser in layers:
-                    for p in denoiser.parameters():
-                        p.copy_(snapshot[id(p)])
+        with torch.no_grad():
+            for name, _, denoiser in layers:
+                for key, p in denoiser.named_parameters():
+                    p.copy_(snapshot[name][key])
         raise
-    _warn_unseen(after_stats)
-    l1_after = _measure_l1(model, layers, eval_batches, None, 0, progress) if eval_batches is not None else None
-    after = _report(layers, after_stats, after_optima, l1_after, count)
-    return CalibrationReport(NoiseLossReport(before, count), after, passes, refit_gaps,
+    _warn_about_fits(layers, fits, fitted_on, holdout_every, held_out, count)
+    if eval_batches is not None:
+        l1_after = _measure_l1(model, layers, eval_batches, 0, progress)
+        for layer in after:
+            layer.l1 = l1_after.get(layer.name)
+    order = [name for name, _, _ in layers if name in fits]
+    measured = len(heldout_batches) if held_out else count
+    return CalibrationReport(NoiseLossReport([before[n] for n in order], measured), NoiseLossReport(after, measured),
+                             [fits[n] for n in order], held_out, count, passes, refit_gaps,
                              time.perf_counter() - start, statistics_seconds, peak)
+
+
+def _after(model: nn.Module, chunks, snapshot: dict, fitted_on: dict[str, InputStatistics],
+           heldout_batches: list | None, progress: bool,
+           precision: torch.dtype) -> tuple[list[LayerNoiseLoss], list[tuple[str, float, float]]]:
+    """Every calibrated layer's loss on the held-out batches run again through the calibrated model
+    (without a hold-out: on the statistics it was fitted to), and the layers that end above the loss
+    their starting denoiser has on the same rows."""
+    after: dict[str, LayerNoiseLoss] = {}
+    worse: list[tuple[str, float, float]] = []
+    for group in chunks:
+        if heldout_batches is not None:
+            # Some ranks may hold no held-out batch; they still take part in merging the moments.
+            stats = _collect(model, group, heldout_batches, None, progress, precision, desc="calibrate (held-out)",
+                             allow_empty=True).fit
+        else:
+            stats = fitted_on
+        for name, layer, denoiser in group:
+            if name not in fitted_on or stats.get(name) is None:
+                continue
+            s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
+            after[name] = _layer_loss(name, layer, denoiser, stats[name])
+            start_l2 = float(expected_l2(linear_denoiser(denoiser, snapshot[name]), stats[name], s, n))
+            # Float32 parameters round the float64 fit: a relative 1e-6 is rounding, not a worse fit.
+            if after[name].l2 > start_l2 + 1e-6 * abs(start_l2) + 1e-12:
+                worse.append((name, start_l2, after[name].l2))
+    order = [name for group in chunks for name, _, _ in group if name in after]
+    return [after[name] for name in order], worse
+
+
+def _worse_message(worse: list[tuple[str, float, float]], held_out: bool) -> str:
+    where = "on the held-out batches" if held_out else "on the calibration batches"
+    listed = "; ".join(f"{name}: {start:.6g} -> {end:.6g}" for name, start, end in worse[:10])
+    return (f"calibration would leave {len(worse)} layer(s) above their starting noise loss (expected L2 {where}): "
+            f"{listed}{' …' if len(worse) > 10 else ''}. Usually the layers upstream changed their inputs after "
+            "these were fitted: pass passes=2 (each pass fits the inputs the previous one produced), or more "
+            "batches. The model was left unchanged.")
+
+
+def _warn_about_fits(layers, fits: dict[str, LayerFit], fitted_on: dict[str, InputStatistics],
+                     holdout_every: int | None, held_out: bool, batches: int) -> None:
+    unseen = [name for name, _, _ in layers if name not in fits]
+    if unseen:
+        warnings.warn(f"{len(unseen)} converted layers never ran on the calibration batches and keep their "
+                      f"denoisers: {', '.join(unseen[:10])}{' …' if len(unseen) > 10 else ''}", stacklevel=3)
+    if holdout_every and not held_out:
+        warnings.warn(f"calibrate() got {batches} batch(es), so none was held out: the shrinkage was estimated "
+                      "analytically and the report is in-sample. Pass at least 2 batches (or holdout_every=None "
+                      "to silence this).", stacklevel=3)
+    few = [f"{name} ({fit.rows_per_channel:.2g}, ρ {fit.shrinkage:.2g})" for name, fit in fits.items()
+           if fit.rows_per_channel < FEW_ROWS_PER_CHANNEL]
+    if few:
+        warnings.warn(f"{len(few)} layer(s) saw fewer than {FEW_ROWS_PER_CHANNEL} input rows per channel, so their "
+                      f"input covariance is poorly determined (rows per channel, the shrinkage toward its diagonal "
+                      f"that was used): {', '.join(few[:10])}{' …' if len(few) > 10 else ''}. More images (or "
+                      "augmented copies) calibrate them better.", stacklevel=3)
+    kept = [name for name, fit in fits.items() if fit.kept]
+    if kept:
+        warnings.warn(f"{len(kept)} layer(s) kept their denoiser, which beat the fit on the held-out rows: "
+                      f"{', '.join(kept[:10])}{' …' if len(kept) > 10 else ''}", stacklevel=3)
