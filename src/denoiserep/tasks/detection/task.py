@@ -21,6 +21,7 @@ from ...data.images import (
     list_entries,
     unlabeled_datasets,
 )
+from ...finite import max_abs_difference, within, worst
 from ...head import DenoiseHead
 from ...metrics.detection import DetectionMetric
 from ...metrics.detection import evaluate as evaluate_detections  # `evaluate` is this task's method
@@ -188,17 +189,16 @@ class DetectionTask(TaskBase):
     def compare_outputs(self, unfused: list[dict], fused: list[dict]) -> dict:
         """Images whose detections differ (count, labels, boxes beyond `BOX_TOLERANCE` px or scores beyond
         `SCORE_TOLERANCE`), the largest differences where they match, and the AP of both on those images."""
-        differing, box_diff, score_diff = 0, 0.0, 0.0
+        differing, box_diffs, score_diffs = 0, [], []
         for a, b in zip(unfused, fused):
             if len(a["boxes"]) != len(b["boxes"]) or not torch.equal(a["labels"], b["labels"]):
                 differing += 1
                 continue
-            if len(a["boxes"]):
-                box_diff = max(box_diff, float((a["boxes"] - b["boxes"]).abs().max()))
-                score_diff = max(score_diff, float((a["scores"] - b["scores"]).abs().max()))
-                if not (torch.allclose(a["boxes"], b["boxes"], rtol=0, atol=BOX_TOLERANCE)
-                        and torch.allclose(a["scores"], b["scores"], rtol=0, atol=SCORE_TOLERANCE)):
-                    differing += 1
+            box_diffs.append(max_abs_difference(a["boxes"], b["boxes"]))
+            score_diffs.append(max_abs_difference(a["scores"], b["scores"]))
+            if not (within(box_diffs[-1], BOX_TOLERANCE) and within(score_diffs[-1], SCORE_TOLERANCE)):
+                differing += 1
+        box_diff, score_diff = worst(box_diffs), worst(score_diffs)
         targets = [self.data.val[i][1] for i in range(len(unfused))]
         return {"detection_images_differ": differing, "compared_images": len(unfused),
                 "max_box_difference": box_diff, "max_score_difference": score_diff,
@@ -209,7 +209,7 @@ class DetectionTask(TaskBase):
         differing = sum(r.extra["detection_images_differ"] for r in results)
         total = sum(r.extra["compared_images"] for r in results)
         if differing == 0:
-            box = max(r.extra["max_box_difference"] for r in results)
+            box = worst(r.extra["max_box_difference"] for r in results)
             return f"yes (identical detections; boxes within {box:.1e} px)"
         same_ap = all(r.extra["unfused_ap"] == r.extra["fused_ap"] for r in results)
         if same_ap:
