@@ -30,7 +30,7 @@ from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, un
 from ..base import TaskBase, model_kwargs_without_classes
 from .data import DetectionData, collate, load_detection_data
 from .models import DetectionModel, build_detection_model, parse_model_name
-from .sampling import AspectRatioBatchSampler
+from .sampling import AspectRatioBatchSampler, warn_about_small_groups
 
 PREDICTION_IMAGES = 64  # validation images whose detections are compared fused vs unfused
 BOX_TOLERANCE = 1e-3  # pixels: detections this close are the same detection
@@ -76,6 +76,8 @@ class DetectionTask(TaskBase):
         self.iou_types = ("bbox", "segm") if self.family == "maskrcnn" else ("bbox",)
         self.data: DetectionData = load_detection_data(cfg.data, with_masks=self.family == "maskrcnn")
         self.train_set: Dataset = SkipUnreadable(self.data.train) if cfg.skip_bad_images else self.data.train
+        if hasattr(self.data.train, "aspect_ratios"):
+            warn_about_small_groups(self.data.train.aspect_ratios(), cfg.batch_size, f"{cfg.data} training set")
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, _unlabeled_images,
                                                             skip_unreadable=cfg.skip_bad_images)
 
