@@ -4,7 +4,6 @@ DenoiseRep on the backbone by default (the paper denoises the backbone's embeddi
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -13,14 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from ...convert import unwrap
-from ...data.images import (
-    UNLABELED_EXTENSIONS,
-    SkipUnreadable,
-    UnlabeledImageDataset,
-    existing_directory,
-    list_entries,
-    unlabeled_datasets,
-)
+from ...data.images import SkipUnreadable, UnlabeledImageDataset, unlabeled_datasets, unlabeled_image_files
 from ...finite import max_abs_difference, within, worst
 from ...head import DenoiseHead
 from ...metrics.detection import DetectionMetric
@@ -223,10 +215,6 @@ def _unlabeled_images(path: str) -> Dataset:
     """Every image under ``path`` (recursive) as float [0, 1] tensors at their own size, for the
     label-free loss (``--extra-data``, ``--denoise-data``); the detector resizes them as it does
     labelled images."""
-    root = existing_directory(path, "unlabeled images")
-    files = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in UNLABELED_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no images found under '{root}' (searched recursively for "
-                                f"{', '.join(UNLABELED_EXTENSIONS)}); it holds: {list_entries(root)}")
     to_tensor = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
-    return UnlabeledImageDataset(files, "RGB", lambda image: to_tensor(image).as_subclass(torch.Tensor))
+    return UnlabeledImageDataset(unlabeled_image_files(path), "RGB",
+                                 lambda image: to_tensor(image).as_subclass(torch.Tensor))
