@@ -59,9 +59,9 @@ def fuse(
     fusion are compared and a RuntimeError is raised if their relative error exceeds
     ``tolerance`` (`FusionError`; default: 1e-4, or 4 × the rounding unit of the model's lowest floating-point
     precision, e.g. 0.031 for bfloat16, where rounding W′ alone moves outputs by about 1e-2).
-    Non-finite values anywhere (a denoiser's or layer's tensors, the outputs before or after
-    fusion, a fused weight) are a `FusionError` naming them; the model is left unfused when
-    they are found before fusion.
+    Non-finite values (in a denoised layer's or its denoiser's tensors, a NaN output before fusion,
+    a fused weight, a NaN or new infinity in the fused outputs) are a `FusionError` naming them;
+    the model is left unfused when they are found before fusion.
     """
     model = unwrap(model)
     dtype = _lowest_precision(model)
@@ -75,11 +75,12 @@ def fuse(
         )
     _check_finite_before_fusion(layers)
     reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
-    if reference is not None and non_finite(dict(enumerate(reference))):
+    if reference is not None and any(output.isnan().any() for output in reference):
         raise FusionError(
-            "the converted model outputs NaN or infinite values on example_inputs before any fusion "
-            f"(outputs {non_finite(dict(enumerate(reference)))}); nothing was fused. Its weights are finite, so the "
-            "inputs or the network's own arithmetic overflow: check example_inputs and the model in float32."
+            "the converted model outputs NaN on example_inputs before any fusion (outputs "
+            f"{[i for i, output in enumerate(reference) if output.isnan().any()]}); nothing was fused. Its weights "
+            "are finite, so the inputs or the network's own arithmetic overflow: check example_inputs and the model "
+            "in float32."
         )
     report = FuseReport()
     overflowed = []
@@ -126,11 +127,14 @@ def fuse(
         )
     if reference is not None:
         fused_outputs = eval_outputs(model, example_inputs)
-        if non_finite(dict(enumerate(fused_outputs))):
+        # (an infinity the unfused model returns too, e.g. a -inf attention mask, is no error)
+        broken = [i for i, (ref, out) in enumerate(zip(reference, fused_outputs))
+                  if ref.shape == out.shape and (out.isnan().any() or (out.isinf() & (out != ref)).any())]
+        if broken:
             raise FusionError(
-                f"the fused model outputs NaN or infinite values on example_inputs (outputs "
-                f"{non_finite(dict(enumerate(fused_outputs)))}) where the unfused model's outputs are finite; do not "
-                "use these weights. Report this model; meanwhile exclude the layers involved (exclude_modules)."
+                f"the fused model outputs NaN or infinite values on example_inputs (outputs {broken}) where the "
+                "unfused model's are finite; do not use these weights. Report this model; meanwhile exclude the "
+                "layers involved (exclude_modules)."
             )
         report.max_relative_error = max_relative_error(reference, fused_outputs)
         if not within(report.max_relative_error, tolerance):

@@ -104,9 +104,10 @@ def stage_model(task, cfg: TrainConfig, stage: str | None) -> nn.Module:
 def load_stage_weights(task, cfg: TrainConfig, path: str | os.PathLike, device: torch.device,
                        expected_stage: str | None = None) -> nn.Module:
     """Weights a run wrote (``model.safetensors`` of any stage, or of ``denoiserep fuse``), loaded into
-    the architecture its metadata names; a plain safetensors file loads into the task's model."""
+    the architecture its metadata names; a file that names no stage (another tool's, or an older
+    ``denoiserep fuse``'s) loads into the task's plain model."""
     stage = read_fused_metadata(path).get("stage")
-    if expected_stage is not None and stage != expected_stage:
+    if expected_stage is not None and stage is not None and stage != expected_stage:
         raise ValueError(f"{path} holds the weights of a {stage or 'plain'} stage, not of the {expected_stage} stage "
                          "whose folder it is in; the stage folders were mixed up")
     return load_fused(stage_model(task, cfg, stage), path).to(device)
