@@ -24,7 +24,7 @@ from .config import TrainConfig
 # What `checkpoint.pt` holds: field → accepted types (None: the field may be null).
 CHECKPOINT_FIELDS: dict[str, tuple] = {
     "epoch": (int,), "num_updates": (int,), "history": (list,), "model": (dict,), "conversion": (dict, None),
-    "optimizer": (dict,), "scheduler": (dict, None), "ema": (dict, None), "noise_loss": (dict,), "rng": (dict,),
+    "optimizer": (dict,), "scheduler": (dict, None), "ema": (dict, None), "noise_loss": (dict, None), "rng": (dict,),
 }
 
 
@@ -59,21 +59,21 @@ def read_result(path: Path) -> StageResult:
     return StageResult(**values)
 
 
-# What ``denoiserep fuse`` reads of it.
-FUSE_FIELDS = ("epoch", "model", "conversion")
+RESUME_FIELDS = tuple(name for name in CHECKPOINT_FIELDS if name != "noise_loss")  # (older runs lack it)
+FUSE_FIELDS = ("epoch", "model", "conversion")  # what ``denoiserep fuse`` reads
 
 
-def read_checkpoint(path: Path, device: str | torch.device = "cpu", *, needed: tuple[str, ...] = tuple(CHECKPOINT_FIELDS),
+def read_checkpoint(path: Path, device: str | torch.device = "cpu", *, needed: tuple[str, ...] = RESUME_FIELDS,
                     denoise: bool = False) -> dict:
-    """A stage's ``checkpoint.pt`` with the ``needed`` fields checked; ``denoise``: it must hold a
-    conversion plan."""
+    """A stage's ``checkpoint.pt``: the ``needed`` fields present, every field it has of its type;
+    ``denoise``: it must hold a conversion plan."""
     payload = load_torch_file(path, device)
     if not isinstance(payload, dict):
         raise ValueError(f"{path} is not a stage checkpoint of denoiserep (it holds a {type(payload).__name__}); "
                          "pass the checkpoint.pt of a run's stage folder")
     missing = [name for name in needed if name not in payload]
-    wrong = [f"{name} ({type(payload[name]).__name__})" for name in needed if name in payload
-             and not isinstance(payload[name], tuple(type(None) if k is None else k for k in CHECKPOINT_FIELDS[name]))]
+    wrong = [f"{name} ({type(payload[name]).__name__})" for name, kinds in CHECKPOINT_FIELDS.items() if name in payload
+             and not isinstance(payload[name], tuple(type(None) if k is None else k for k in kinds))]
     not_tensors = [key for key, value in payload.get("model", {}).items() if not isinstance(value, torch.Tensor)] \
         if isinstance(payload.get("model"), dict) else []
     if missing or wrong or not_tensors:
