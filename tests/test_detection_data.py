@@ -147,23 +147,138 @@ def test_bad_coco_input_is_a_named_error(tmp_path, breakage, error, message):
     root = coco(tmp_path / "coco")
     _break_coco(root, breakage)
     with pytest.raises(error, match=message):
-        data = load_detection_data(f"coco:{root}", with_masks=True)
+        # (with masks, a json size that differs from the image's is already one its RLE masks contradict)
+        data = load_detection_data(f"coco:{root}", with_masks=breakage != "image_size")
         data.val[0]
 
 
-def test_degenerate_boxes_and_images_without_objects_are_counted_and_logged_drops(tmp_path, caplog):
-    root = coco(tmp_path / "coco")
-    path = root / "annotations" / "instances_train2017.json"
+def _edit_json(root, split, edit):
+    path = root / "annotations" / f"instances_{split}2017.json"
     data = json.loads(path.read_text())
-    data["annotations"][0]["bbox"] = [5, 5, 0, 4]  # zero width
-    data["annotations"][1]["bbox"] = [5, 5, 3, -1]  # negative height: image 100 keeps only its crowd region
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 101]  # image 101: no objects
+    edit(data)
     path.write_text(json.dumps(data))
+
+
+def _edge_boxes(data):
+    """Image 100 (48 × 64): a box 0.02 px past the right edge, one 0.5 px wide, one of zero width."""
+    data["annotations"][0]["bbox"] = [50.0, 4.0, 14.02, 8.0]
+    data["annotations"][1]["bbox"] = [20.0, 20.0, 0.5, 10.0]
+    data["annotations"].append({"id": 99, "image_id": 100, "category_id": 7, "bbox": [5, 5, 0, 4], "iscrowd": 0})
+
+
+def test_training_clamps_boxes_and_drops_sub_pixel_ones_counted_and_logged_while_validation_keeps_the_files(
+        tmp_path, caplog):
+    from denoiserep.metrics.detection import evaluate
+
+    root = coco(tmp_path / "coco")
+    for split in ("train", "val"):
+        _edit_json(root, split, _edge_boxes)
+    _edit_json(root, "train", lambda data: data.update(
+        annotations=[a for a in data["annotations"] if a["image_id"] != 101]))  # image 101: no objects
     with caplog.at_level(logging.WARNING):
         loaded = load_detection_data(f"coco:{root}")
-    assert "instances_train2017.json: dropped 2 boxes of zero or negative width or height" in caplog.text
-    assert "2 of 4 training images have no (non-crowd) objects and are not used for training" in caplog.text
-    assert len(loaded.train) == 2 and len(loaded.val) == 4  # validation images are all kept
+    assert ("instances_train2017.json: 1 training boxes reached past their image and were clamped to it; 2 (after "
+            "clamping) under 1 px wide or high were dropped from training") in caplog.text
+    assert "1 of 4 training images have no (non-crowd) objects and are not used for training" in caplog.text
+    # (records, before the flip; the crowd region stays out of training targets)
+    assert loaded.train.records[0].boxes == [[50.0, 4.0, 64.0, 12.0], [0.0, 30.0, 20.0, 40.0]]
+    assert len(loaded.train) == 3
+    _, val_target = loaded.val[0]
+    expected = [[50.0, 4.0, 64.02, 12.0], [20.0, 20.0, 20.5, 30.0], [0.0, 30.0, 20.0, 40.0], [5.0, 5.0, 5.0, 9.0]]
+    assert torch.allclose(val_target["boxes"], torch.tensor(expected)) and len(val_target["labels"]) == 4
+    # A detector that finds exactly the json's (non-degenerate) boxes scores AP 1 on them.
+    keep = [0, 1]
+    perfect = [{"boxes": val_target["boxes"][keep], "labels": val_target["labels"][keep], "scores": torch.ones(2)}]
+    truth = [{key: val_target[key][keep] for key in ("boxes", "labels", "iscrowd", "area")}]
+    assert evaluate(perfect, truth)["AP"] == pytest.approx(1.0)
+
+
+def test_coco_images_or_categories_that_share_an_id_are_named_errors(tmp_path):
+    root = coco(tmp_path / "coco")
+    _edit_json(root, "val", lambda data: data["images"][1].update(id=100))
+    with pytest.raises(ValueError, match=r"instances_val2017.json lists image id 100 twice \(000000000000.jpg and "
+                                         r"000000000001.jpg\)"):
+        load_detection_data(f"coco:{root}")
+    root = coco(tmp_path / "coco2")
+    _edit_json(root, "train", lambda data: data["categories"].append({"id": 7, "name": "wolf"}))
+    with pytest.raises(ValueError, match=r"lists category id 7 twice \('dog' and 'wolf'\)"):
+        load_detection_data(f"coco:{root}")
+
+
+def _rle_counts_of(size):
+    square = np.zeros(size, np.uint8)
+    square[2:5, 3:6] = 1
+    return mask_utils.encode(np.asfortranarray(square))["counts"].decode()
+
+
+# Each breaks annotation 2 (an RLE object) or 1 (a polygon) of image 100 (48 × 64) in the validation json.
+MALFORMED_COCO = {
+    "no bbox": (lambda d: d["annotations"][0].pop("bbox"), "annotation 1 has no 'bbox'"),
+    "no category": (lambda d: d["annotations"][0].pop("category_id"), "annotation 1 has no 'category_id'"),
+    "no width": (lambda d: d["images"][0].pop("width"), "image 100 has no 'width'"),
+    "string bbox": (lambda d: d["annotations"][0].update(bbox="2 4 10 8"), r"'bbox' = '2 4 10 8' \(str\)"),
+    "short bbox": (lambda d: d["annotations"][0].update(bbox=[2, 4, 10]), "has 3 numbers, expected 4"),
+    "nan bbox": (lambda d: d["annotations"][0].update(bbox=[2, float("nan"), 10, 8]), "non-finite coordinate"),
+    "images null": (lambda d: d.update(images=None), r"'images' = None \(NoneType\), expected a list"),
+    "integer file name": (lambda d: d["images"][0].update(file_name=7), r"'file_name' = 7 \(int\)"),
+    "height 0": (lambda d: d["images"][0].update(height=0), "is 64×0 pixels"),
+    "short polygon": (lambda d: d["annotations"][0].update(segmentation=[[2, 4, 12, 4]]), "at least 6"),
+    "inf polygon": (lambda d: d["annotations"][0].update(segmentation=[[2, 4, float("inf"), 4, 12, 12]]),
+                    "non-finite coordinate"),
+    "far polygon": (lambda d: d["annotations"][0].update(segmentation=[[2, 4, 1e9, 4, 12, 12]]),
+                    "more than an image size past the 64×48 image"),
+    "string segmentation": (lambda d: d["annotations"][0].update(segmentation="mask"), "segmentation is a str"),
+    "rle without counts": (lambda d: d["annotations"][1]["segmentation"].pop("counts"), "its RLE has no 'counts'"),
+    "garbage counts": (lambda d: d["annotations"][1]["segmentation"].update(counts="\x01\x02zz"),
+                       "not an RLE character"),
+    "partial uncompressed rle": (lambda d: d["annotations"][1]["segmentation"].update(counts=[100, 50, 2]),
+                                 r"cover 152 pixels .* 48 × 64 = 3072"),
+    "partial compressed rle": (lambda d: d["annotations"][1]["segmentation"].update(
+        size=[48, 64], counts=_rle_counts_of((20, 64))), r"cover 1280 pixels"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(MALFORMED_COCO))
+def test_malformed_coco_annotations_are_named_errors_before_anything_is_rasterised(tmp_path, breakage):
+    edit, message = MALFORMED_COCO[breakage]
+    root = coco(tmp_path / "coco")
+    _edit_json(root, "val", edit)
+    with pytest.raises(ValueError, match=f"instances_val2017.json.*{message}"):
+        load_detection_data(f"coco:{root}", with_masks=True)
+
+
+MALFORMED_VOC = {
+    "no size": ("<size><width>64</width><height>48</height><depth>3</depth></size>", "", "has no <size>"),
+    "size 0": ("<height>48</height>", "<height>0</height>", "says the image is 64×0 pixels"),
+    "no bndbox": ("<bndbox><xmin>3</xmin><ymin>5</ymin><xmax>12</xmax><ymax>12</ymax></bndbox>", "",
+                  r"object 0 \(dog\) has no <bndbox>"),
+    "no xmin": ("<xmin>3</xmin>", "", r"has no number in <xmin> \(found None\)"),
+    "text ymax": ("<ymax>12</ymax>", "<ymax>twelve</ymax>", r"has no number in <ymax> \(found 'twelve'\)"),
+    "nan xmax": ("<xmax>12</xmax>", "<xmax>nan</xmax>", "not a finite number"),
+    "difficult yes": ("<difficult>0</difficult>", "<difficult>yes</difficult>", "it must be 0 or 1"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(MALFORMED_VOC))
+def test_malformed_voc_annotations_are_named_errors(tmp_path, breakage):
+    old, new, message = MALFORMED_VOC[breakage]
+    root = voc(tmp_path / "voc")
+    xml = root / "VOCdevkit" / "VOC2012" / "Annotations" / "2012_val000.xml"
+    xml.write_text(xml.read_text().replace(old, new, 1))
+    with pytest.raises(ValueError, match=f"2012_val000.xml.*{message}"):
+        load_detection_data(f"voc:{root}", with_masks=True)
+
+
+def test_a_voc_box_far_past_the_image_is_clamped_for_training_and_masks_and_kept_for_evaluation(tmp_path):
+    root = voc(tmp_path / "voc")
+    for split in ("train", "val"):
+        xml = root / "VOCdevkit" / "VOC2012" / "Annotations" / f"2012_{split}000.xml"
+        xml.write_text(xml.read_text().replace("<xmax>12</xmax>", "<xmax>1e30</xmax>", 1))
+    data = load_detection_data(f"voc:{root}", with_masks=True)
+    assert data.train.records[0].boxes[0] == [2.0, 4.0, 64.0, 12.0]
+    _, val_target = data.val[0]
+    assert val_target["boxes"][0].tolist() == [2.0, 4.0, float(torch.tensor(1e30)), 12.0]  # (float32)
+    assert val_target["masks"][0].sum() == (64 - 2) * (12 - 4)  # rasterised from the box clamped to the image
 
 
 def test_an_unlabelled_validation_image_is_kept_for_cocoeval(tmp_path):
@@ -223,7 +338,7 @@ def test_the_flip_moves_boxes_and_masks_together_and_drops_what_becomes_empty():
     flipped = None
     for seed in range(10):  # some seed flips (p = 0.5)
         torch.manual_seed(seed)
-        _, out = DetectionTransform(flip=True)(tv_tensors.Image(image), target)
+        _, out = DetectionTransform(flip=True, training=True)(tv_tensors.Image(image), target)
         if out["boxes"][0, 0] != 1.0:
             flipped = out
             break
@@ -236,10 +351,24 @@ def test_the_flip_moves_boxes_and_masks_together_and_drops_what_becomes_empty():
 def test_aspect_ratio_batches_hold_one_orientation_and_split_the_same_global_batches_across_ranks():
     ratios = [1.5, 0.5, 1.2, 0.7, 2.0, 0.9, 1.0, 0.8, 1.3]  # 5 wide, 4 tall
     single = list(AspectRatioBatchSampler(ratios, 2, DistInfo(), seed=1, epoch=3))
-    assert len(single) == 4 == len(AspectRatioBatchSampler(ratios, 2, DistInfo(), seed=1))  # one wide image left
-    assert all(len({ratios[i] >= 1 for i in batch}) == 1 for batch in single)
+    assert len(single) == 4 == len(AspectRatioBatchSampler(ratios, 2, DistInfo(), seed=1))  # one image left out each epoch
+    assert sum(len({ratios[i] >= 1 for i in batch}) > 1 for batch in single) <= 1  # at most one mixed batch
     ranks = [list(AspectRatioBatchSampler(ratios, 2, DistInfo(rank, 2), seed=1, epoch=3)) for rank in range(2)]
     assert [a + b for a, b in zip(*ranks)] == single
     assert single != list(AspectRatioBatchSampler(ratios, 2, DistInfo(), seed=1, epoch=4))
-    with pytest.raises(ValueError, match="no full batch of 8 images of one orientation"):
-        AspectRatioBatchSampler(ratios, 8, DistInfo(), seed=0)
+
+
+def test_an_orientation_with_fewer_images_than_a_batch_is_still_trained_on_and_the_user_is_told(caplog):
+    from denoiserep.tasks.detection.sampling import warn_about_small_groups
+
+    ratios = [1.5] * 12 + [0.5] * 3  # 12 wide, 3 tall, batches of 4: the tall ones never fill a batch
+    seen = set()
+    for epoch in range(20):
+        batches = list(AspectRatioBatchSampler(ratios, 4, DistInfo(), seed=0, epoch=epoch))
+        assert len(batches) == 3 and all(len(batch) == 4 for batch in batches)
+        assert sum(len({ratios[i] >= 1 for i in batch}) > 1 for batch in batches) <= 1  # at most one mixed batch
+        seen.update(i for batch in batches for i in batch)
+    assert seen == set(range(15))
+    with caplog.at_level(logging.WARNING):
+        warn_about_small_groups(ratios, 4, "coco:x training set")
+    assert "its 3 tall images are fewer than one batch of 4" in caplog.text

@@ -210,6 +210,22 @@ def test_backbone_weights_come_from_a_local_file_and_freeze_batchnorm(tmp_path):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())  # FrozenBatchNorm2d, as torchvision
 
 
+def test_backbone_weights_that_would_run_code_or_do_not_fit_are_named_errors(tmp_path):
+    from denoiserep.checkpoint import UntrustedFileError
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"conv1.weight": RunsCode()}, tmp_path / "evil.pth")
+    with pytest.raises(UntrustedFileError, match=r"refusing to load .*evil.pth: it references posix.system"):
+        build_detection_model("fcos_test_resnet", 2, backbone_weights=str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"conv1.0.weight": torch.zeros(3)}, tmp_path / "other.pth")  # another shape
+    with pytest.raises(ValueError, match=r"backbone_weights .*other.pth do not fit timm's test_resnet"):
+        build_detection_model("fcos_test_resnet", 2, backbone_weights=str(tmp_path / "other.pth"))
+
+
 def test_a_torchvision_detector_checkpoint_loads_with_init_and_detects_the_same(tmp_path):
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone

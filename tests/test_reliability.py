@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import stat
 import warnings
@@ -371,3 +372,246 @@ def test_small_models_train_on_one_thread_unless_told_otherwise():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# -- non-finite values: a NaN never passes a check (issue 19, item 2) ------------------------------
+
+
+def converted_mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+    return dr.convert(model, dr.DenoiseConfig(init="random"), example_inputs=torch.randn(4, 6))
+
+
+@pytest.mark.parametrize("breakage", ["denoiser", "weight", "inputs"])
+def test_fuse_fails_by_name_when_a_tensor_or_an_output_is_not_finite(breakage):
+    model, x = converted_mlp(), torch.randn(4, 6)
+    with torch.no_grad():
+        if breakage == "denoiser":
+            next(d for _, _, d in dr.layer_denoisers(model)).a[0] = float("nan")
+        elif breakage == "weight":
+            model[2].parametrizations.weight.original[0, 0] = float("inf")
+        else:
+            x[1, 2] = float("nan")
+    match = {"denoiser": r"0 denoiser a", "weight": r"2\.weight", "inputs": "outputs NaN on example_inputs before"}
+    with pytest.raises(dr.FusionError, match=match[breakage]):
+        dr.fuse(model, example_inputs=x)
+    assert dr.is_converted(model)  # found before fusion: the model is left as it was
+
+
+def test_the_fused_outputs_relative_error_is_nan_when_an_output_is_nan_and_never_within_a_tolerance():
+    from denoiserep.finite import within, worst
+    from denoiserep.fuse import max_relative_error
+
+    reference = [torch.ones(3), torch.ones(2)]
+    for broken in (torch.tensor([1.0, float("nan"), 1.0]), torch.tensor([1.0, float("inf"), 1.0])):
+        error = max_relative_error(reference, [broken, torch.ones(2)])
+        assert not within(error, 1e-4)
+    assert max_relative_error(reference, [torch.ones(3), torch.ones(2)]) == 0.0
+    assert np.isnan(worst([0.5, float("nan"), 0.1])) and worst([0.5, 0.1]) == 0.5
+
+
+def test_denoiserep_fuse_refuses_a_checkpoint_with_non_finite_denoisers_and_writes_nothing(finished_run, tmp_path,
+                                                                                           capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    stage = run / "denoiserep-label-free"
+    payload = torch.load(stage / "checkpoint.pt", weights_only=True)
+    key = next(k for k in payload["model"] if k.endswith("parametrizations.weight.0.a"))
+    payload["model"][key][0] = float("nan")
+    torch.save(payload, stage / "checkpoint.pt")
+    assert main(["fuse", str(stage), "--output", str(tmp_path / "fused.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "Nothing was fused" in err
+    assert not (tmp_path / "fused.safetensors").exists()
+
+
+def test_fused_checks_of_every_task_say_no_for_a_nan_difference():
+    from denoiserep.tasks.classification.task import ClassificationTask
+    from denoiserep.tasks.reid.task import ReidTask
+    from denoiserep.train.stages import StageResult
+
+    logits = torch.randn(4, 3)
+    broken = logits.clone()
+    broken[0, logits[0].argmax()] = float("nan")  # argmax takes NaN as the largest: the same predictions
+    extra = ClassificationTask.compare_outputs(None, logits, broken)
+    result = StageResult("d", "denoise", {"top1": 50.0}, extra={**extra, "unfused_metrics": {"top1": 50.0}})
+    assert ClassificationTask.fused_check(None, [result]).startswith("NO")
+    seeds = [StageResult("d", "denoise", {"mAP": 50.0}, extra={"unfused_metrics": {"mAP": 50.0},
+                                                                "fused_vs_unfused_max_relative_error": error})
+             for error in (1e-8, float("nan"))]
+    assert ReidTask.fused_check(ReidTask.__new__(ReidTask), seeds).startswith("NO")
+
+
+# -- files of another dtype (item 3) ---------------------------------------------------------------
+
+
+def test_a_checkpoint_cast_to_integers_is_refused_by_fuse(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    stage = run / "denoiserep-label-free"
+    payload = torch.load(stage / "checkpoint.pt", weights_only=True)
+    payload["model"] = {k: v.long() for k, v in payload["model"].items()}
+    torch.save(payload, stage / "checkpoint.pt")
+    assert main(["fuse", str(stage), "--output", str(tmp_path / "fused.safetensors")]) == 2
+    assert "dtype mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "fused.safetensors").exists()
+
+
+@pytest.mark.parametrize("cast", [torch.int64, torch.bool])
+def test_weights_of_integers_or_bools_are_not_evaluated(finished_run, tmp_path, capsys, cast):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(finished_run / "baseline" / "model.safetensors")
+    save_file({k: v.to(cast) for k, v in state.items()}, tmp_path / "cast.safetensors")
+    assert main(["evaluate", "--config", str(finished_run / "config.yaml"),
+                 "--weights", str(tmp_path / "cast.safetensors")]) == 2
+    assert f"checkpoint {tmp_path / 'cast.safetensors'}" in (err := capsys.readouterr().err) and "dtype mismatch" in err
+
+
+# -- checkpoints that lack what the run wrote (item 13) --------------------------------------------
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no_model", r"missing fields \['model'\]"),
+    ("no_epoch", r"missing fields \['epoch'\]"),
+    ("string_conversion", r"conversion \(str\)"),
+    ("wrong_plan", "its conversion does not apply"),
+    ("list", "holds a list"),
+])
+def test_a_stage_checkpoint_without_its_fields_is_named_by_fuse_before_anything_is_written(
+        finished_run, tmp_path, capsys, breakage, message):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    stage = run / "denoiserep-label-free"
+    payload = torch.load(stage / "checkpoint.pt", weights_only=True)
+    if breakage == "no_model":
+        del payload["model"]
+    elif breakage == "no_epoch":
+        del payload["epoch"]
+    elif breakage == "string_conversion":
+        payload["conversion"] = "garbage"
+    elif breakage == "wrong_plan":
+        payload["conversion"]["plan"][0] = {"name": 3, "timestep": "x"}
+    else:
+        payload = [payload]
+    torch.save(payload, stage / "checkpoint.pt")
+    assert main(["fuse", str(stage), "--output", str(tmp_path / "fused.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and str(stage / "checkpoint.pt") in err
+    assert not (tmp_path / "fused.safetensors").exists()
+    (stage / "result.json").unlink()  # --resume reads the same file through the same reader
+    assert train(tmp_path, "--stage", "baseline", "denoise", "--label-free", "--resume") == 2
+    assert str(stage / "checkpoint.pt") in capsys.readouterr().err
+
+
+# -- a full disk or a read-only folder (item 13) ---------------------------------------------------
+
+
+def test_a_full_disk_stops_the_run_with_the_previous_checkpoint_intact_and_says_so(tmp_path, capsys, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_is_full(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:  # the second epoch's checkpoint: half of it fits
+            with open(path, "wb") as handle:
+                handle.write(b"PK\x03\x04 partial")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    assert train(tmp_path, "--stage", "baseline") == 2
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "run" / "baseline" / "checkpoint.pt"
+    assert "No space left on device" in err and f"{checkpoint} is unchanged (the previous version stays intact)" in err
+    monkeypatch.undo()
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 0
+    assert [p.name for p in checkpoint.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("error", ["safetensors", "permission"])
+def test_fuse_into_an_unwritable_place_keeps_the_previous_weights_and_says_so(finished_run, tmp_path, capsys,
+                                                                             monkeypatch, error):
+    from safetensors import SafetensorError
+
+    output = tmp_path / "fused.safetensors"
+    output.write_bytes(b"previous weights")
+    stage = finished_run / "denoiserep-label-free"
+
+    def fail(*args, **kwargs):
+        if error == "safetensors":
+            raise SafetensorError("Error while serializing: IoError(No space left on device)")
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("denoiserep.checkpoint." + ("save_file" if error == "safetensors" else "tempfile.mkstemp"),
+                        fail)
+    assert main(["fuse", str(stage), "--output", str(output)]) == 2
+    assert "the previous version stays intact" in capsys.readouterr().err
+    assert output.read_bytes() == b"previous weights"
+
+
+# -- nonsense values (items 9, 13, 14) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"ema_decay": 5.0}, r"--ema \(ema_decay\) must be in \(0, 1\), got 5.0"),
+    ({"grad_clip": -1.0}, r"--grad-clip \(grad_clip\) must be in \(0, inf\)"),
+    ({"weight_decay": -0.1}, r"--weight-decay"),
+    ({"label_smoothing": 5.0}, r"--label-smoothing \(label_smoothing\) must be in \[0, 1\)"),
+    ({"warmup_epochs": -1}, r"--warmup-epochs"),
+    ({"mixup": -0.5}, r"--mixup"),
+    ({"cutmix": -0.5}, r"--cutmix"),
+    ({"lr": float("nan")}, r"--lr \(lr\) must be in \(0, inf\), got nan"),
+    ({"extra_lr": -1e-3}, r"--extra-lr"),
+    ({"denoise": {"rank": -3}}, r"rank must be an integer >= 1"),
+    ({"denoise": {"beta_end": 2.0}}, r"every beta must lie in \(0, 1\)"),
+])
+def test_nonsense_values_are_refused_with_the_flag_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**values)
+
+
+def test_the_cli_refuses_nonsense_values_and_missing_cuda_with_exit_code_2(tmp_path, capsys):
+    assert train(tmp_path, "--label-smoothing", "5") == 2
+    assert "--label-smoothing" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train(tmp_path, "--device", "cuda") == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-modules", "no_such_layer"], "no layer"),
+    (["--timestep-range", "1", "1000"], None),  # a valid setting: the check passes and trains
+])
+def test_settings_only_a_model_can_check_fail_before_the_baseline_trains(tmp_path, capsys, args, message):
+    if message is None:
+        assert train(tmp_path, "--stage", "baseline", "denoise", "--label-free", "--extra-epochs", "0", *args) == 0
+        return
+    assert train(tmp_path, "--stage", "baseline", "denoise", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_fewer_timesteps_than_layers_fail_before_the_baseline_trains(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("denoise: {num_timesteps: 2}\n")
+    assert train(tmp_path, "--config", str(config), "--stage", "baseline", "denoise") == 2
+    assert "raise num_timesteps or set timestep_range" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# -- every folder a run writes is locked (item 11) -------------------------------------------------
+
+
+def test_a_multi_seed_run_and_a_run_of_one_of_its_seed_folders_cannot_run_at_once(tmp_path, capsys):
+    from denoiserep.train.rundir import run_locks
+
+    with run_lock(tmp_path / "ms" / "seed1"):  # `--name ms/seed1` is running
+        assert train(tmp_path, "--stage", "baseline", "--seeds", "0", "1", name="ms") == 2
+    assert "in use by another denoiserep run" in capsys.readouterr().err
+    assert not (tmp_path / "ms" / "seed0" / "baseline").exists()
+    with run_locks(TrainConfig(output=str(tmp_path), name="ms"), [0, 1]):  # `--seeds 0 1 --name ms` is running
+        assert train(tmp_path, "--stage", "baseline", name="ms/seed1") == 2
+    assert "in use by another denoiserep run" in capsys.readouterr().err
+    assert not (tmp_path / "ms" / "seed1" / "baseline").exists()

@@ -120,6 +120,7 @@ def test_the_training_crop_pads_small_images_with_the_ignore_index(tmp_path):
     ("missing", "has no annotation"),
     ("empty", "split has no images"),
     ("corrupt", "cannot read image"),
+    ("negative", r"holds label values \[-1\]"),
 ])
 def test_bad_files_name_the_file_and_the_fix(tmp_path, breakage, message):
     root = folder(tmp_path / "f")
@@ -135,9 +136,76 @@ def test_bad_files_name_the_file_and_the_fix(tmp_path, breakage, message):
             path.unlink()
     elif breakage == "corrupt":
         val_image.write_bytes(b"not a jpeg")
+    elif breakage == "negative":  # a 32-bit grey-level mask ("I", here a TIFF named .png) can hold negatives
+        Image.fromarray(np.full(SIZE, -1, np.int32), mode="I").save(val_mask, format="TIFF")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         data = load_segmentation_data(f"folder:{root}")
         data.val[0]
+
+
+def test_nested_images_get_the_mask_at_their_own_relative_path_and_a_shared_mask_is_an_error(tmp_path):
+    root = folder(tmp_path / "f")
+    for sub, value in (("a", 0), ("b", 2)):
+        write_pair(root / "images" / "val" / sub / "0.jpg", root / "masks" / "val" / sub / "0.png",
+                   np.full(SIZE, value), seed=value)
+    data = load_segmentation_data(f"folder:{root}")
+    masks = {pair[0].relative_to(root).as_posix(): pair[1].relative_to(root).as_posix() for pair in data.val.pairs}
+    assert masks["images/val/a/0.jpg"] == "masks/val/a/0.png" and masks["images/val/b/0.jpg"] == "masks/val/b/0.png"
+    assert {int(data.val[i][1].unique()[0]) for i in range(len(data.val)) if data.val[i][1].unique().numel() == 1} \
+        == {0, 2}
+    write_pair(root / "images" / "val" / "0.png", root / "masks" / "val" / "unused.png", stripes(3, 0))  # 0.jpg's mask
+    with pytest.raises(ValueError, match=r"images .*val/0.jpg and .*val/0.png would share one annotation"):
+        load_segmentation_data(f"folder:{root}")
+
+
+def test_extra_and_denoise_data_feed_their_loaders_and_skip_bad_images_replaces_unreadable_ones(tmp_path, caplog):
+    from test_detection_data import write_image
+
+    from denoiserep.train.distributed import DistInfo
+
+    root = folder(tmp_path / "f")
+    for i, (height, width) in enumerate([(40, 56), (56, 40), (48, 48)]):
+        write_image(tmp_path / "unlabeled" / "sub" / f"{i}.png", height, width, seed=i)
+    (root / "images" / "train" / "1.jpg").write_bytes(b"not a jpeg")
+    cfg = TrainConfig(task="segmentation", data=f"folder:{root}", model="fcn:resnet18", crop_size=16, batch_size=2,
+                      extra_data=[str(tmp_path / "unlabeled")], denoise_data=str(tmp_path / "unlabeled"),
+                      label_free=True, skip_bad_images=True)
+    task = SegmentationTask(cfg)
+    images, ignored = next(iter(task.extra_loader(DistInfo(), seed=0, epoch=0)))
+    assert images.shape == (2, 3, 16, 16) and ignored.tolist() == [-1, -1]
+    denoise_batches = list(task.train_loader(DistInfo(), seed=0, epoch=0, for_denoisers=True))
+    assert len(denoise_batches) == 1 and denoise_batches[0][1].tolist() == [-1, -1]  # 3 images, batches of 2
+    with caplog.at_level("WARNING"):
+        train_batches = list(task.train_loader(DistInfo(), seed=0, epoch=0))
+    assert len(train_batches) == 2 and "skipped an unreadable image" in caplog.text and "1.jpg" in caplog.text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SegmentationTask(TrainConfig(task="segmentation", data=cfg.data, extra_data=[str(tmp_path / "nowhere")]))
+    with pytest.raises(ValueError, match="embedded tensors with their own normalisation"):
+        SegmentationTask(TrainConfig(task="segmentation", data="digit-scenes", label_free=True,
+                                     denoise_data=str(tmp_path / "unlabeled")))
+
+
+def test_a_slide_stride_larger_than_the_window_is_refused_before_it_leaves_pixels_without_logits(tmp_path):
+    data = f"folder:{folder(tmp_path / 'f')}"
+    with pytest.raises(ValueError, match="--slide-stride 24 is larger than the sliding window"):
+        SegmentationTask(TrainConfig(task="segmentation", data=data, crop_size=16, slide_stride=24))
+    with pytest.raises(ValueError, match="leaves pixels between windows of 16 uncovered"):
+        _slide(nn.Conv2d(3, 4, 1), torch.randn(1, 3, 50, 37), crop=16, stride=24, num_classes=4)
+
+
+def test_a_batch_without_labelled_pixels_adds_no_task_loss_instead_of_nan(tmp_path, caplog):
+    task = SegmentationTask(TrainConfig(task="segmentation", data=f"folder:{folder(tmp_path / 'f')}",
+                                        model="fcn_resnet50", model_kwargs={"aux_loss": True}))
+    model = task.build_model().train()
+    images = torch.randn(2, 3, *SIZE)  # (two images: BatchNorm trains on the batch)
+    with caplog.at_level("WARNING"):
+        loss, parts = task.training_loss(model, (images, torch.full((2, *SIZE), IGNORE_INDEX)))
+    assert loss.item() == 0.0 and parts == {"loss_main": 0.0, "loss_aux": 0.0}
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert "a training batch has no labelled pixel" in caplog.text
+    labelled, _ = task.training_loss(model, (images, torch.zeros((2, *SIZE), dtype=torch.int64)))
+    assert torch.isfinite(labelled) and labelled > 0
 
 
 def test_unknown_specs_and_models_list_what_exists(tmp_path):

@@ -6,6 +6,7 @@ place, so an interrupted save never leaves a truncated checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -15,17 +16,23 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .convert import ConversionState, apply_plan, conversion_state, is_converted, unwrap
 
 CONVERTED_FORMAT = "denoiserep-converted/1"
+FUSED_FORMAT = "denoiserep-fused/1"
 
 
 class UntrustedFileError(ValueError):
     """A file holds Python objects that unpickling could run as code; it was not loaded."""
+
+
+class OutputWriteError(OSError):
+    """A file could not be written (disk full, read-only folder, …); the file it would have replaced
+    is unchanged."""
 
 
 def _umask() -> int:
@@ -40,20 +47,36 @@ FILE_MODE = 0o666 & ~_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` (atomic on POSIX)."""
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (atomic on POSIX).
+
+    When the write fails for lack of space or permission (what torch raises as RuntimeError and
+    safetensors as SafetensorError included), the temporary file is removed and an
+    `OutputWriteError` says so and that ``path`` is unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    previous = "the previous version stays intact" if path.exists() else "nothing was written"
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        _remove(tmp)
+        raise OutputWriteError(
+            f"could not write {path} ({type(error).__name__}: {error}); {path} is unchanged ({previous}). Free disk "
+            "space or make the folder writable, then run the same command again (--resume continues a run)."
+        ) from error
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(tmp)
         raise
     return path
+
+
+def _remove(tmp: str | None) -> None:
+    if tmp is not None and os.path.exists(tmp):
+        os.unlink(tmp)
 
 
 def load_torch_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
@@ -109,24 +132,36 @@ def load_converted(model: nn.Module, path: str | os.PathLike, map_location: str 
     return payload["extra"]
 
 
-def save_fused(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Save a fused (plain) model's weights as safetensors; tied tensors are stored once."""
+def save_fused(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None,
+               added_biases: list[str] | None = None) -> Path:
+    """Save a fused (plain) model's weights as safetensors; tied tensors are stored once.
+
+    ``added_biases``: the layers that gained a bias at fusion (`FuseReport.added_biases`); stored
+    with the weights so that `load_fused` gives a freshly built model those biases."""
     model = unwrap(model)
     if is_converted(model):
         raise ValueError("this model still has denoisers; call denoiserep.fuse(model) before save_fused()")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     state = _dedupe_shared(state)
-    meta = {"format": "denoiserep-fused/1", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+    metadata = {**(metadata or {}), **({"added_biases": list(added_biases)} if added_biases else {})}
+    meta = {"format": FUSED_FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """A .safetensors file's tensors, or a ValueError that names the file when it is not one."""
+    with _reading_safetensors(path):
+        return load_file(str(path), device=str(device))
+
+
+@contextlib.contextmanager
+def _reading_safetensors(path: str | os.PathLike):
+    """Turn safetensors' errors about ``path`` into one that names the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
-        return load_file(str(path), device=str(device))
+        yield
     except (SafetensorError, OSError) as error:
         raise ValueError(
             f"{path} is not a readable .safetensors file ({error}): it is truncated or in another format. Pass the "
@@ -134,10 +169,29 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         ) from None
 
 
+def read_fused_metadata(path: str | os.PathLike) -> dict:
+    """The metadata `save_fused` stored with the weights (values decoded), {} for other safetensors files."""
+    with _reading_safetensors(path), safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    if raw.get("format") != FUSED_FORMAT:
+        return {}
+    decoded = {}
+    for key, value in raw.items():
+        try:
+            decoded[key] = json.loads(value) if key != "format" else value
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: its metadata {key!r} is not the JSON denoiserep writes") from None
+    return decoded
+
+
 def load_fused(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load fused weights into a freshly built original model (strict key and shape check)."""
+    """Load fused weights into a freshly built original model (strict key, shape and dtype check).
+
+    Layers that gained a bias at fusion (`FuseReport.added_biases`, which `save_fused` stores with
+    the weights when given as ``added_biases``) get one before loading."""
     model = unwrap(model)
     state = read_safetensors(path, device)
+    _add_fusion_biases(model, read_fused_metadata(path).get("added_biases", []), state, path)
     shared = {k: v for k, v in model.state_dict().items() if k not in state}
     for key, tensor in list(shared.items()):
         # keys dropped by _dedupe_shared point at the same storage as a kept key
@@ -146,6 +200,22 @@ def load_fused(model: nn.Module, path: str | os.PathLike, device: str | torch.de
             state[key] = state[twin]
     load_state_dict_checked(model, state, path)
     return model
+
+
+def _add_fusion_biases(model: nn.Module, names: list, state: dict, path) -> None:
+    """Give the layers ``names`` (bias-free in the original architecture) the zero bias that fusion
+    added to them, so that the file's ``<name>.bias`` has a place to load into."""
+    modules = dict(model.named_modules())
+    for name in names:
+        layer = modules.get(name) if isinstance(name, str) else None
+        if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) or f"{name}.bias" not in state:
+            raise ValueError(f"{path} says fusion added a bias to layer {name!r}, which this model has no such "
+                             "Linear/Conv layer for (or the file has no bias for); build the architecture the "
+                             "run was fused from")
+        if layer.bias is None:
+            weight = layer.weight
+            layer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+                                      requires_grad=weight.requires_grad)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -211,7 +281,14 @@ def load_state_dict_checked(
         for k, v in state.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
-    if missing or unexpected or mismatched:
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    # load_state_dict casts silently: int64 or bool values would become "weights" (every one wrong).
+    wrong_kind = [
+        f"{k}: checkpoint {str(v.dtype).removeprefix('torch.')} vs model {str(own[k].dtype).removeprefix('torch.')}"
+        for k, v in state.items()
+        if k in own and isinstance(v, torch.Tensor) and _dtype_kind(v.dtype) != _dtype_kind(own[k].dtype)
+    ]
+    if missing or unexpected or mismatched or not_tensors or wrong_kind:
         parts = []
         if missing:
             parts.append(f"missing from the checkpoint: {missing[:5]}{' …' if len(missing) > 5 else ''}")
@@ -219,7 +296,23 @@ def load_state_dict_checked(
             parts.append(f"not in the model: {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
         if mismatched:
             parts.append(f"shape mismatch: {mismatched[:5]}{' …' if len(mismatched) > 5 else ''}")
+        if not_tensors:
+            parts.append(f"not tensors: {not_tensors[:5]}{' …' if len(not_tensors) > 5 else ''}")
+        if wrong_kind:
+            parts.append(f"dtype mismatch (integer or bool values for floating-point tensors, or the reverse): "
+                         f"{wrong_kind[:5]}{' …' if len(wrong_kind) > 5 else ''}")
+        if not (missing or unexpected or mismatched):
+            fix = "Its values were changed after it was written (cast or replaced); use the file as it was saved."
         raise ValueError(
             f"checkpoint {path} does not match this model's layers ({'; '.join(parts)}). {fix}"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """Floating point, complex, bool or integer: a file's tensor may change precision, not kind."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"

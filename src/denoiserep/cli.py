@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, FusionError) as error:
+    # OSError: files that cannot be read or written (FileNotFoundError, FileExistsError, a full disk:
+    # `checkpoint.OutputWriteError`, which says that the previous file is intact).
+    except (ValueError, OSError, NonFiniteLossError, FusionError) as error:
         print(f"denoiserep {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -221,10 +223,11 @@ def set_threads(cfg: TrainConfig, model) -> None:
 def cmd_fuse(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_state_dict_checked, load_torch_file, save_fused
+    from .checkpoint import load_state_dict_checked, save_fused
     from .convert import ConversionState, apply_plan
     from .fuse import fuse
     from .tasks import create_task
+    from .train.outputs import FUSE_FIELDS, read_checkpoint
 
     checkpoint = args.stage_dir / "checkpoint.pt"
     config_path = args.stage_dir.parent / "config.yaml"
@@ -232,19 +235,21 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"expected {checkpoint} and {config_path} (a denoise stage folder of a run); found neither or one"
         )
-    payload = load_torch_file(checkpoint)
-    if not isinstance(payload, dict) or payload.get("conversion") is None:
-        raise ValueError(f"{checkpoint} is not from a denoise stage: there are no denoisers to fuse")
+    payload = read_checkpoint(checkpoint, needed=FUSE_FIELDS, denoise=True)
     cfg = TrainConfig.from_yaml(config_path)
     task = create_task(cfg)
     model = task.build_model()
-    apply_plan(task.conversion_root(model), ConversionState.from_dict(payload["conversion"]))
+    try:
+        apply_plan(task.conversion_root(model), ConversionState.from_dict(payload["conversion"]))
+    except ValueError as error:
+        raise ValueError(f"{checkpoint}: its conversion does not apply to this run's model: {error}") from None
     load_state_dict_checked(model, payload["model"], checkpoint)
     # Checked on real inputs: a wrong fusion must fail here, not in the user's deployment.
     batch = task.example_inputs(torch.device("cpu"), batch=cfg.eval_batch_size)
     _, report = fuse(model.eval(), example_inputs=(batch,), return_report=True)
     output = args.output or args.stage_dir / "model.safetensors"
-    save_fused(model, output, metadata={"source": str(checkpoint)})
+    save_fused(model, output, metadata={"source": str(checkpoint), "stage": "denoise"},
+               added_biases=report.added_biases)
     print(f"fused {len(report.layers)} layers (epoch {payload['epoch']}) -> {output}; fused == unfused on "
           f"{len(batch)} validation inputs (max relative error {report.max_relative_error:.1e})")
     if report.added_biases:
@@ -253,14 +258,14 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_fused
     from .tasks import create_task
     from .train.distributed import init_distributed
+    from .train.outputs import load_stage_weights
 
     cfg = TrainConfig.from_yaml(args.config)
     info, device = init_distributed(cfg.device)
     task = create_task(cfg)
-    model = load_fused(task.build_model(), args.weights).to(device)
+    model = load_stage_weights(task, cfg, args.weights, device)
     print(json.dumps(task.evaluate(model, info, device), indent=2))
     return 0
 

@@ -99,8 +99,10 @@ class DenoiseConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.denoiser not in DENOISER_FORMS:
             raise ValueError(f"unknown denoiser form {self.denoiser!r}; choose 'full' or 'low_rank'")
-        if self.denoiser == "low_rank" and self.rank < 1:
-            raise ValueError(f"rank must be >= 1 for a low_rank denoiser, got {self.rank}")
+        if not (isinstance(self.rank, int) and self.rank >= 1):
+            raise ValueError(f"rank must be an integer >= 1 (the low_rank denoiser's rank), got {self.rank!r}")
+        if not (isinstance(self.num_timesteps, int) and self.num_timesteps >= 1):
+            raise ValueError(f"num_timesteps must be an integer >= 1, got {self.num_timesteps!r}")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose 'identity' or 'random'")
         if self.loss not in LOSS_TYPES:
@@ -122,6 +124,7 @@ class DenoiseConfig:
                     f"num_timesteps ({self.num_timesteps})"
                 )
             self.timestep_range = (int(lo), int(hi))
+        self.make_schedule()  # a β outside (0, 1) fails here, not when the first layer is converted
 
     def make_schedule(self) -> NoiseSchedule:
         return make_schedule(self.schedule, self.num_timesteps, self.beta_start, self.beta_end)

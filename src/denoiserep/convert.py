@@ -55,7 +55,17 @@ class ConversionState:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ConversionState":
-        return cls(DenoiseConfig.from_dict(values["config"]), [LayerPlan(**p) for p in values["plan"]])
+        """The state `to_dict` wrote; a ValueError saying what is wrong for anything else (a file's
+        plan is untrusted input)."""
+        try:
+            plan = [LayerPlan(**p) for p in values["plan"]]
+            bad = [p for p in plan if not (isinstance(p.name, str) and isinstance(p.timestep, int)
+                                           and isinstance(p.following_norm, (str, type(None))))]
+            if bad:
+                raise ValueError(f"layer entry {asdict(bad[0])} has fields of the wrong type")
+            return cls(DenoiseConfig.from_dict(values["config"]), plan)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"not a conversion plan that denoiserep wrote ({type(error).__name__}: {error})") from None
 
 
 def convert(model: nn.Module, config: DenoiseConfig | None = None, example_inputs: Any = None) -> nn.Module:

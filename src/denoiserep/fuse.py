@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from .convert import STATE_ATTR, call_model, layer_denoisers, unwrap
+from .finite import max_abs_difference, non_finite, within, worst
 from .layers import detach
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ def fuse(
     fusion are compared and a RuntimeError is raised if their relative error exceeds
     ``tolerance`` (`FusionError`; default: 1e-4, or 4 × the rounding unit of the model's lowest floating-point
     precision, e.g. 0.031 for bfloat16, where rounding W′ alone moves outputs by about 1e-2).
+    Non-finite values (in a denoised layer's or its denoiser's tensors, a NaN output before fusion,
+    a fused weight, a NaN or new infinity in the fused outputs) are a `FusionError` naming them;
+    the model is left unfused when they are found before fusion.
     """
     model = unwrap(model)
     dtype = _lowest_precision(model)
@@ -69,8 +73,17 @@ def fuse(
             "nothing to fuse: this model has no DenoiseRep denoisers. Call denoiserep.convert(model) "
             "first, or load a converted checkpoint with denoiserep.load_converted()."
         )
+    _check_finite_before_fusion(layers)
     reference = eval_outputs(model, example_inputs) if example_inputs is not None else None
+    if reference is not None and any(output.isnan().any() for output in reference):
+        raise FusionError(
+            "the converted model outputs NaN on example_inputs before any fusion (outputs "
+            f"{[i for i, output in enumerate(reference) if output.isnan().any()]}); nothing was fused. Its weights "
+            "are finite, so the inputs or the network's own arithmetic overflow: check example_inputs and the model "
+            "in float32."
+        )
     report = FuseReport()
+    overflowed = []
     with torch.no_grad():
         for name, layer, denoiser, norm_name, norm in layers:
             weight = layer.parametrizations.weight.original
@@ -79,6 +92,8 @@ def fuse(
             compute_dtype = torch.promote_types(weight.dtype, torch.float32)
             new_weight = denoiser(weight.detach().to(compute_dtype))
             shift = denoiser.bias_shift(weight.detach().double()).to(weight.dtype)
+            if non_finite({"weight": new_weight.to(weight.dtype), "bias": shift}):
+                overflowed.append(name)
             detach(layer)
             _remove_weight_parametrization(layer)
             layer.weight.copy_(new_weight.to(weight.dtype))
@@ -96,6 +111,12 @@ def fuse(
     for module in model.modules():
         if hasattr(module, STATE_ATTR):
             delattr(module, STATE_ATTR)
+    if overflowed:
+        raise FusionError(
+            f"the fused weights of {len(overflowed)} layers overflowed to NaN or infinity in their dtype: "
+            f"{', '.join(overflowed[:5])}{' …' if len(overflowed) > 5 else ''}. The denoisers' values are too large "
+            "for the layers' precision; the model is unusable: reload the checkpoint (in float32) and fuse again."
+        )
     if report.added_biases:
         logger.warning(
             "fuse: %d bias-free layers had no BatchNorm that could absorb their constant exactly and gained a bias "
@@ -105,8 +126,18 @@ def fuse(
             ", ".join(report.added_biases),
         )
     if reference is not None:
-        report.max_relative_error = max_relative_error(reference, eval_outputs(model, example_inputs))
-        if report.max_relative_error > tolerance:
+        fused_outputs = eval_outputs(model, example_inputs)
+        # (an infinity the unfused model returns too, e.g. a -inf attention mask, is no error)
+        broken = [i for i, (ref, out) in enumerate(zip(reference, fused_outputs))
+                  if ref.shape == out.shape and (out.isnan().any() or (out.isinf() & (out != ref)).any())]
+        if broken:
+            raise FusionError(
+                f"the fused model outputs NaN or infinite values on example_inputs (outputs {broken}) where the "
+                "unfused model's are finite; do not use these weights. Report this model; meanwhile exclude the "
+                "layers involved (exclude_modules)."
+            )
+        report.max_relative_error = max_relative_error(reference, fused_outputs)
+        if not within(report.max_relative_error, tolerance):
             raise FusionError(
                 f"fused outputs differ from the unfused model by a relative error of {report.max_relative_error:.3g} "
                 f"> {tolerance:g} (the tolerance for a {str(dtype).removeprefix('torch.')} model). Rounding cannot "
@@ -116,6 +147,23 @@ def fuse(
                 "again. If the difference is the precision you expect, pass a larger tolerance."
             )
     return (model, report) if return_report else model
+
+
+def _check_finite_before_fusion(layers: list[tuple]) -> None:
+    """A `FusionError` naming every denoised layer whose weight, bias or denoiser holds NaN or an infinity."""
+    broken = []
+    for name, layer, denoiser, _, _ in layers:
+        tensors = {f"{name}.weight": layer.parametrizations.weight.original}
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias
+        tensors.update({f"{name} denoiser {key}": value for key, value in denoiser.state_dict().items()})
+        broken += non_finite(tensors)
+    if broken:
+        raise FusionError(
+            f"{len(broken)} tensors hold NaN or infinite values, so the fused weights would too: "
+            f"{', '.join(broken[:5])}{' …' if len(broken) > 5 else ''}. Nothing was fused. Training diverged before "
+            "this checkpoint was written, or the file is damaged: use an earlier checkpoint."
+        )
 
 
 def _lowest_precision(model: nn.Module) -> torch.dtype:
@@ -188,14 +236,15 @@ def eval_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
 
 
 def max_relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    """The worst ``max |actual − reference| / max |reference|`` over matching tensors."""
+    """The worst ``max |actual − reference| / max |reference|`` over matching tensors; NaN when a NaN
+    is in either (`denoiserep.finite`: a NaN error never passes a tolerance)."""
     if len(reference) != len(actual):
         raise RuntimeError("the fused model returns a different number of tensors than the unfused one")
-    worst = 0.0
+    errors = []
     for ref, out in zip(reference, actual):
         if ref.shape != out.shape:
             raise RuntimeError(f"fused output shape {tuple(out.shape)} differs from unfused {tuple(ref.shape)}")
         if ref.numel():
-            scale = ref.abs().max().clamp_min(1e-12)
-            worst = max(worst, float((ref - out).abs().max() / scale))
-    return worst
+            scale = float(ref.abs().max().double().clamp_min(1e-12))
+            errors.append(max_abs_difference(ref, out) / scale)
+    return worst(errors)

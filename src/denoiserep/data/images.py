@@ -99,6 +99,14 @@ def load_unlabeled_images(path: str, *, image_size: int, in_chans: int) -> Datas
     """
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+    mode = "L" if in_chans == 1 else "RGB"
+    transform = default_image_transform(image_size, is_training=False, in_chans=in_chans)
+    return UnlabeledImageDataset(unlabeled_image_files(path), mode, transform)
+
+
+def unlabeled_image_files(path: str) -> list[Path]:
+    """Every image file under ``path`` (recursive; jpg/jpeg/png/bmp/webp), sorted, or an error
+    listing the folder when there is none."""
     root = existing_directory(path, "unlabeled images")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in UNLABELED_EXTENSIONS)
     if not files:
@@ -106,9 +114,7 @@ def load_unlabeled_images(path: str, *, image_size: int, in_chans: int) -> Datas
             f"no images found under '{root}' (searched recursively for {', '.join(UNLABELED_EXTENSIONS)}); "
             f"it holds: {list_entries(root)}. Point the path at a folder tree containing such images."
         )
-    mode = "L" if in_chans == 1 else "RGB"
-    transform = default_image_transform(image_size, is_training=False, in_chans=in_chans)
-    return UnlabeledImageDataset(files, mode, transform)
+    return files
 
 
 def unlabeled_datasets(

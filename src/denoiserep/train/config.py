@@ -98,6 +98,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be {'≥ 0' if lowest == 0 else 'positive'}, got {value}")
         if self.alternate_every is not None and self.alternate_every < 1:
             raise ValueError(f"alternate_every must be >= 1 epoch, got {self.alternate_every}")
+        _check_ranges(self)
         self.denoise_config()  # validate early: a bad field fails before any training
 
     def denoise_config(self) -> DenoiseConfig:
@@ -150,6 +151,41 @@ _CHECKS = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "dict": (lambda v: isinstance(v, dict), "a mapping (YAML) / JSON object"),
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+}
+
+
+# Number fields and the values that make sense: (flag, lowest, highest, lowest included, highest included).
+# Written as `not lo <= v <= hi`, so that NaN (YAML's .nan, `--lr nan`) fails too.
+_RANGES = {
+    "lr": ("--lr", 0.0, float("inf"), False, False),
+    "extra_lr": ("--extra-lr", 0.0, float("inf"), False, False),
+    "weight_decay": ("--weight-decay", 0.0, float("inf"), True, False),
+    "sched_decay_rate": ("--sched-decay-rate", 0.0, float("inf"), False, False),
+    "warmup_epochs": ("--warmup-epochs", 0, float("inf"), True, False),
+    "label_smoothing": ("--label-smoothing", 0.0, 1.0, True, False),
+    "mixup": ("--mixup", 0.0, float("inf"), True, False),
+    "cutmix": ("--cutmix", 0.0, float("inf"), True, False),
+    "grad_clip": ("--grad-clip", 0.0, float("inf"), False, False),
+    "ema_decay": ("--ema", 0.0, 1.0, False, False),
+}
+
+
+def _check_ranges(cfg: "TrainConfig") -> None:
+    for name, (flag, low, high, low_in, high_in) in _RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        above = value >= low if low_in else value > low
+        below = value <= high if high_in else value < high
+        if not (above and below):
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ValueError(f"{flag} ({name}) must be in {interval}, got {value}{_RANGE_HINTS.get(name, '')}")
+
+
+_RANGE_HINTS = {
+    "ema_decay": " (the weight of the old average per step, e.g. 0.999)",
+    "grad_clip": " (the largest gradient norm; leave it unset for no clipping)",
+    "label_smoothing": " (the probability mass spread over the other classes, e.g. 0.1)",
 }
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Sampler
 
 
@@ -38,7 +40,8 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but CUDA is not available; use --device cpu")
+            raise ValueError("--device cuda was requested but CUDA is not available (torch sees no GPU); use "
+                             "--device cpu or auto")
         torch.cuda.set_device(info.local_rank)
         resolved = torch.device("cuda", info.local_rank)
     else:
@@ -65,6 +68,20 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def average_batchnorm_statistics(model: nn.Module) -> None:
+    """Average the running statistics of every BatchNorm over the ranks (timm's ``distribute_bn``
+    with ``reduce=True``), so that every rank evaluates and rank 0 saves the same model: each rank's
+    statistics follow its own batches. Frozen BatchNorms (no ``_BatchNorm``) are equal already."""
+    if not dist.is_initialized():
+        return
+    world_size = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and module.running_mean is not None:
+            for statistic in (module.running_mean, module.running_var):
+                dist.all_reduce(statistic)
+                statistic /= world_size
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

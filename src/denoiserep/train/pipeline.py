@@ -13,8 +13,8 @@ from ..report import Row, format_table, plot_report, write_report
 from ..timing import forward_flops, time_interleaved
 from .config import TrainConfig
 from .distributed import DistInfo
-from .rundir import check_run, run_lock, seed_config
-from .stages import StageResult, StageSpec, noise_loss_line, run_stage
+from .rundir import check_run, run_locks, seed_config
+from .stages import StageResult, StageSpec, check_stage_settings, noise_loss_line, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,11 @@ def run_pipeline(cfg: TrainConfig, task, specs: list[StageSpec], seeds: list[int
     initialisation, data order and noise, which the stages take from the seed directly.
     """
     check_run(cfg, specs, seeds, resume)  # before anything is written
+    check_stage_settings(specs, cfg, task, device)
     results: dict[int, dict[str, StageResult]] = {}
-    with run_lock(cfg.run_dir) if info.is_main else contextlib.nullcontext():
+    with run_locks(cfg, seeds) if info.is_main else contextlib.nullcontext():
+        if info.is_main:
+            check_run(cfg, specs, seeds, resume)  # again under the locks: a run that held them may have written
         for seed in seeds:
             seed_cfg = seed_config(cfg, seed, len(seeds))
             if info.is_main:

@@ -69,6 +69,17 @@ def _check_same_settings(cfg: TrainConfig, saved_path: Path) -> None:
 
 
 @contextlib.contextmanager
+def run_locks(cfg: TrainConfig, seeds: list[int]) -> Iterator[None]:
+    """Hold every folder the run writes: the run folder and each seed's folder. A run of
+    ``--seeds 0 1 --name ms`` and one of ``--name ms/seed1`` then cannot write one folder at once."""
+    folders = dict.fromkeys([cfg.run_dir, *(seed_config(cfg, seed, len(seeds)).run_dir for seed in seeds)])
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            stack.enter_context(run_lock(folder))
+        yield
+
+
+@contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir`` exclusively for this process (an advisory ``flock``, released on exit,
     also when the process dies); a second run of the same directory fails at once."""

@@ -17,7 +17,8 @@ import json
 import logging
 import random
 import sys
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,38 +30,17 @@ from torch import nn
 from tqdm import tqdm
 
 from ..calibrate import calibrate, noise_loss_report
-from ..checkpoint import (
-    atomic_write,
-    load_fused,
-    load_state_dict_checked,
-    load_torch_file,
-    read_state_dict,
-    save_fused,
-)
+from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, read_state_dict, save_fused
 from ..convert import conversion_state, convert, set_trainable, unwrap
 from ..fuse import fuse
-from ..head import DenoiseHead
 from .config import TrainConfig
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, average_batchnorm_statistics, barrier
 from .engine import EpochSettings, NonFiniteLossError, train_one_epoch
+from .outputs import StageResult, denoise_head, load_stage_weights, read_checkpoint, read_result
 
 logger = logging.getLogger(__name__)
 
 NOISE_LOSS_BATCHES = 4  # validation batches every noise-loss report of a denoise stage is measured on
-
-
-@dataclass
-class StageResult:
-    variant: str
-    stage: str
-    metrics: dict
-    history: list[dict] = field(default_factory=list)
-    weights: str | None = None  # relative to the run directory (``<variant>/model.safetensors``)
-    extra: dict = field(default_factory=dict)
-    model: nn.Module | None = field(default=None, repr=False, compare=False)  # live model; not saved
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "model"}
 
 
 @dataclass
@@ -85,7 +65,7 @@ def run_stage(spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: t
     stage_dir = cfg.run_dir / spec.variant
     result_path = stage_dir / "result.json"
     if resume and result_path.exists():
-        result = StageResult(**json.loads(result_path.read_text()))
+        result = read_result(result_path)
         if result.weights and not (cfg.run_dir / result.weights).exists():
             # Written before weights were stored relative to the run: the path as seen from that
             # working directory. The stage's file is where it always was.
@@ -95,6 +75,27 @@ def run_stage(spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: t
     seed_everything(cfg.seed)
     runner = _StageRunner(spec, cfg, task, info, device, stage_dir)
     return runner.run(resume)
+
+
+def check_stage_settings(specs: list[StageSpec], cfg: TrainConfig, task, device: torch.device) -> None:
+    """Raise now, before the first stage trains, for settings that only a model can check: a denoise
+    stage's conversion (``--target-modules`` that match nothing, fewer timesteps than layers, …) on a
+    freshly built model, and a head stage's head."""
+    stages = {spec.stage for spec in specs}
+    if not stages & {"denoise", "head"}:
+        return
+    with preserved_rng_state(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the stage itself warns about what its conversion leaves out
+        model = task.build_model().to(device)
+        if "head" in stages:
+            denoise_head(task, cfg, model)
+        if "denoise" in stages:
+            try:
+                convert(task.conversion_root(model), cfg.denoise_config(),
+                        example_inputs=task.conversion_inputs(model, device))
+            except (ValueError, RuntimeError) as error:
+                raise ValueError(f"the denoise stage's settings (denoise: {cfg.denoise}) do not apply to this model: "
+                                 f"{error}") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -146,22 +147,14 @@ class _StageRunner:
             # optimizer holds every parameter, then `_set_phase` toggles requires_grad per epoch.
             set_trainable(model, denoisers=True, backbone=self.cfg.alternate_every is not None)
         elif stage == "head":
-            model = self.task.wrap_with_head(model, self._head(model)).to(self.device)
+            model = self.task.wrap_with_head(model, denoise_head(self.task, self.cfg, model)).to(self.device)
             set_trainable(model, denoisers=True, backbone=False)
         return model
 
     def load_final(self, result: StageResult) -> nn.Module:
         """The finished stage's model, rebuilt from its saved (fused) weights."""
-        model = self.task.build_model()
-        if self.spec.stage == "head":
-            model = self.task.wrap_with_head(model, self._head(model))
-        return load_fused(model, self.cfg.run_dir / result.weights).to(self.device)
-
-    def _head(self, backbone: nn.Module) -> DenoiseHead:
-        dcfg = self.cfg.denoise_config()
-        return DenoiseHead(self.task.feature_dim(backbone), steps=self.cfg.head_steps, schedule=dcfg.schedule,
-                           num_timesteps=dcfg.num_timesteps, beta_start=dcfg.beta_start,
-                           beta_end=dcfg.beta_end, loss=dcfg.loss)
+        return load_stage_weights(self.task, self.cfg, self.cfg.run_dir / result.weights, self.device,
+                                  expected_stage=self.spec.stage)
 
     def _set_phase(self, model: nn.Module, epoch: int) -> str:
         """Frozen backbone (the paper) or the authors' alternation every K epochs."""
@@ -219,6 +212,10 @@ class _StageRunner:
                 ) from None
             if scheduler is not None:
                 scheduler.step(epoch + 1)
+            if not settings.freeze_norm_statistics:  # the ranks' statistics differ: the saved model is their mean
+                average_batchnorm_statistics(model)
+                if ema is not None:
+                    average_batchnorm_statistics(ema.module)
             eval_model = ema.module if ema is not None else model
             metrics = self.task.evaluate(eval_model, info, self.device, self.autocast_dtype)
             row = {"epoch": epoch, "phase": phase, **train_stats, **{f"val_{k}": v for k, v in metrics.items()}}
@@ -295,7 +292,8 @@ class _StageRunner:
         result = StageResult(self.spec.variant, self.spec.stage, metrics, history, extra=extra, model=model)
         if info.is_main:
             weights = self.stage_dir / "model.safetensors"
-            save_fused(model, weights, metadata={"stage": self.spec.stage, "variant": self.spec.variant})
+            save_fused(model, weights, metadata={"stage": self.spec.stage, "variant": self.spec.variant},
+                       added_biases=extra.get("added_biases"))
             result.weights = str(weights.relative_to(self.cfg.run_dir))  # the run folder can move
             result_text = json.dumps(result.to_dict(), indent=2)
             atomic_write(self.stage_dir / "result.json", lambda tmp: Path(tmp).write_text(result_text))
@@ -358,7 +356,7 @@ class _StageRunner:
         return conversion_state(self.task.conversion_root(unwrap(model))).to_dict()
 
     def _load_checkpoint(self, model, optimizer, scheduler, ema) -> tuple[int, int, list[dict]]:
-        payload = load_torch_file(self.checkpoint_path, self.device)
+        payload = read_checkpoint(self.checkpoint_path, self.device, denoise=self.spec.stage == "denoise")
         if self.spec.stage == "denoise" and payload.get("conversion") != self._conversion(model):
             raise ValueError(
                 f"{self.checkpoint_path} was converted with other DenoiseRep settings than this run's; resume "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ...data.images import SkipUnreadable, load_unlabeled_images, unlabeled_datasets
+from ...finite import max_abs_difference, worst
 from ...head import DenoiseHead
 from ...models import create_model, default_model_for, feature_dim
 from ...train.config import TrainConfig
@@ -141,13 +143,16 @@ class ClassificationTask(TaskBase):
 
     def compare_outputs(self, unfused: torch.Tensor, fused: torch.Tensor) -> dict:
         """Fused vs unfused validation logits: largest difference and changed predictions."""
-        return {"fused_vs_unfused_max_logit_error": float((fused - unfused).abs().max()),
+        return {"fused_vs_unfused_max_logit_error": max_abs_difference(unfused, fused),
                 "prediction_changes": int((fused.argmax(1) != unfused.argmax(1)).sum())}
 
     def fused_check(self, results: list) -> str:
         """The report's "fused == unfused" cell for DenoiseRep results (one per seed)."""
         changes = sum(r.extra["prediction_changes"] for r in results)
         same_metric = all(r.extra["unfused_metrics"]["top1"] == r.metrics["top1"] for r in results)
+        error = worst(r.extra["fused_vs_unfused_max_logit_error"] for r in results)
+        if not math.isfinite(error):
+            return f"NO: the logits differ by {error} (non-finite outputs)"
         if changes == 0 and same_metric:
             return "yes (identical predictions)"
         return f"NO: {changes} predictions differ"

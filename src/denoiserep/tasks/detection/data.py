@@ -16,26 +16,44 @@ normalises and resizes it) and torchvision's target dict (``boxes`` xyxy float, 
 Batches are lists (`collate`). Training drops crowd / difficult objects and flips images (not
 digits: a mirrored 2 is no 2); torchvision.transforms.v2 moves boxes and masks along (tv_tensors).
 
-Bad input (each found when the data set is loaded unless said otherwise):
+Validation ground truth is what the files say: COCOeval sees the json's (or XML's) boxes, areas and
+masks unchanged. Training targets are torchvision's reference recipe: boxes clamped to the image
+(`ClampBoundingBoxes`), then those under 1 px wide or high dropped (`SanitizeBoundingBoxes`),
+counted and logged once per split.
 
-==========================================  ==================================================
-an image named in the json / list is missing  error naming the file and how many are missing
-an annotation's category id is not listed      error naming the id and the annotation
-a box of zero or negative width / height       dropped, counted, one warning per split
-an image without annotations                   training: dropped, counted, one warning;
-                                               validation: kept (COCOeval counts it)
-an RLE mask of another size than its image     error naming the annotation (when read)
-an image of another size than the json says    error naming the file (when read)
-a corrupt image                                error naming the file (when read); training
-                                               with --skip-bad-images: skipped and logged
-a VOC object of an unknown class               error naming the XML file and the class
-==========================================  ==================================================
+Bad input (each found when the data set is loaded unless said otherwise; every error names the
+annotation file, and the annotation or image):
+
+==============================================  ================================================
+a field missing, null or of the wrong type      error naming the field (``bbox``, ``category_id``,
+(COCO json / VOC XML)                           ``width``, ``file_name``, ``<size>``, ``<bndbox>``…)
+an image of width or height 0                   error
+two images with one id, two categories          error naming the id
+with one id
+an image named in the json / list is missing    error naming the file and how many are missing
+an annotation's category id is not listed       error naming the id and the annotation
+a non-finite box or polygon coordinate          error (NaN, inf)
+a polygon of fewer than 6 numbers, or reaching  error (checked before pycocotools rasterises it:
+more than an image size past the image          such a file could exhaust memory or crash it)
+an RLE without counts, with counts that do not  error (the same reason)
+cover its image exactly, or of another size
+a box past the image / under 1 px               training: clamped / dropped, counted, logged;
+                                                validation: kept as the file says
+an image without annotations                    training: dropped, counted, one warning;
+                                                validation: kept (COCOeval counts it)
+an image of another size than the json says     error naming the file (when read)
+a corrupt image                                 error naming the file (when read); training
+                                                with --skip-bad-images: skipped and logged
+a VOC object of an unknown class                error naming the XML file and the class
+==============================================  ================================================
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree
@@ -94,7 +112,7 @@ class ImageRecord:
     image_id: int
     width: int
     height: int
-    boxes: list[list[float]]  # xyxy
+    boxes: list[list[float]]  # xyxy, as the annotation file says (training: clamped, see `training_records`)
     labels: list[int]
     iscrowd: list[int]
     areas: list[float]
@@ -134,23 +152,103 @@ class DetectionFiles(Dataset):
 
 
 def _decode_masks(segmentations: list, record: ImageRecord) -> torch.Tensor:
-    """(N, H, W) uint8 masks from COCO polygons or RLE (boxes as masks where there is none: VOC)."""
+    """(N, H, W) uint8 masks from COCO polygons or RLE (boxes as masks where there is none: VOC),
+    all checked by `_check_segmentation` when the annotations were read."""
     from pycocotools import mask as mask_utils
 
     masks = torch.zeros(len(segmentations), record.height, record.width, dtype=torch.uint8)
     for i, segmentation in enumerate(segmentations):
         if isinstance(segmentation, dict):  # RLE, compressed or not
-            size = list(segmentation.get("size", []))
-            if size != [record.height, record.width]:
-                raise ValueError(f"a mask of image {record.path} is {size} (height, width) but the image is "
-                                 f"{[record.height, record.width]}; the annotation belongs to another image size")
-            rle = segmentation if isinstance(segmentation["counts"], (str, bytes)) else \
-                mask_utils.frPyObjects(segmentation, *size)
+            rle = segmentation if isinstance(segmentation["counts"], str) else \
+                mask_utils.frPyObjects(segmentation, record.height, record.width)
             masks[i] = torch.from_numpy(mask_utils.decode(rle))
         elif segmentation:  # polygons
             rles = mask_utils.frPyObjects(segmentation, record.height, record.width)
             masks[i] = torch.from_numpy(mask_utils.decode(mask_utils.merge(rles)))
     return masks
+
+
+# -- checks of untrusted annotation values ---------------------------------------------------------
+
+
+def _field(values: dict, key: str, kinds: tuple, where: str, required: bool = True):
+    """``values[key]`` if it is of one of ``kinds`` (numbers never bools), else a named error."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} is a {type(values).__name__}, not an object")
+    if key not in values or values[key] is None:
+        if not required:
+            return None
+        raise ValueError(f"{where} has no {key!r}")
+    value = values[key]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(kind.__name__ for kind in kinds)
+        raise ValueError(f"{where} has {key!r} = {value!r} ({type(value).__name__}), expected {names}")
+    return value
+
+
+def _coordinates(values, count: int | None, where: str, what: str) -> list[float]:
+    """A list of finite numbers (``count`` of them, when given)."""
+    if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise ValueError(f"{where}: its {what} must be a list of numbers, got {values!r:.80}")
+    if count is not None and len(values) != count:
+        raise ValueError(f"{where}: its {what} has {len(values)} numbers, expected {count}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{where}: its {what} holds a non-finite coordinate ({values!r:.80}); fix or remove it")
+    return [float(v) for v in values]
+
+
+def _check_segmentation(segmentation, width: int, height: int, where: str) -> None:
+    """Polygons or RLE that pycocotools can rasterise safely at ``height`` × ``width``: it trusts its
+    input, and a coordinate of 1e9 or counts that overrun the image exhaust memory or crash it."""
+    if isinstance(segmentation, list):
+        for polygon in segmentation:
+            points = _coordinates(polygon, None, where, "polygon")
+            if len(points) < 6 or len(points) % 2:
+                raise ValueError(f"{where}: a polygon needs an even number of coordinates, at least 6 (3 points); "
+                                 f"got {len(points)}")
+            xs, ys = points[0::2], points[1::2]
+            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+                raise ValueError(f"{where}: a polygon reaches ({max(xs, key=abs):g}, {max(ys, key=abs):g}), more than "
+                                 f"an image size past the {width}×{height} image; the annotation is broken")
+        return
+    if not isinstance(segmentation, dict):
+        raise ValueError(f"{where}: its segmentation is a {type(segmentation).__name__}; COCO allows a list of "
+                         "polygons or an RLE object")
+    size = _field(segmentation, "size", (list,), f"{where}: its RLE")
+    if size != [height, width]:
+        raise ValueError(f"{where}: its RLE mask is {size} (height, width) but the image is {[height, width]}; the "
+                         "annotation belongs to another image size")
+    counts = _field(segmentation, "counts", (str, list), f"{where}: its RLE")
+    if isinstance(counts, str):
+        runs = _compressed_rle_counts(counts, where)
+    elif all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        runs = counts
+    else:
+        raise ValueError(f"{where}: its RLE counts must be integers")
+    if any(run < 0 for run in runs) or sum(runs) != height * width:
+        raise ValueError(f"{where}: its RLE counts cover {sum(runs)} pixels (runs must be ≥ 0), but the image has "
+                         f"{height} × {width} = {height * width}; the mask is truncated or belongs elsewhere")
+
+
+def _compressed_rle_counts(counts: str, where: str) -> list[int]:
+    """The run lengths of COCO's compressed RLE string (pycocotools' ``rleFrString``: 5-bit groups with a
+    continuation bit, each run after the second stored as a difference to the run two before)."""
+    runs, position = [], 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position == len(counts):
+                raise ValueError(f"{where}: its RLE counts string is truncated")
+            code = ord(counts[position]) - 48
+            if not 0 <= code < 64:
+                raise ValueError(f"{where}: its RLE counts string holds {counts[position]!r}, not an RLE character")
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        runs.append(value + runs[-2] if len(runs) > 2 else value)
+    return runs
 
 
 # -- COCO ------------------------------------------------------------------------------------------
@@ -164,18 +262,18 @@ def _coco(root: Path, with_masks: bool) -> DetectionData:
         if len(found) != 1:
             raise FileNotFoundError(f"COCO: expected one {annotations}/instances_{split}<year>.json, found "
                                     f"{[p.name for p in found] or 'none'} (entries of {root}: {list_entries(root)})")
-    train_json, val_json = (json.loads(files[s][0].read_text()) for s in ("train", "val"))
-    categories = sorted(train_json.get("categories", []), key=lambda c: c["id"])
-    if not categories:
-        raise ValueError(f"COCO: {files['train'][0]} lists no categories")
+    train_json, val_json = (_read_json(files[s][0]) for s in ("train", "val"))
+    categories = _coco_categories(train_json, files["train"][0])
+    _coco_categories(val_json, files["val"][0])
     label_of = {c["id"]: i + 1 for i, c in enumerate(categories)}
     splits = []
     for split, data, path in (("train", train_json, files["train"][0]), ("val", val_json, files["val"][0])):
         folder = root / path.stem.removeprefix("instances_")  # instances_val2017.json -> val2017/
         if not folder.is_dir():
             raise FileNotFoundError(f"COCO: the images of {path.name} belong in {folder}, which does not exist")
-        splits.append(_coco_records(data, path, folder, label_of, training=split == "train"))
-    transform_train, transform_val = DetectionTransform(flip=True), DetectionTransform()
+        records = _coco_records(data, path, folder, label_of, with_masks)
+        splits.append(_finish_records(records, path.name, training=split == "train"))
+    transform_train, transform_val = DetectionTransform(flip=True, training=True), DetectionTransform()
     return DetectionData(
         name="coco",
         train=DetectionFiles(splits[0], transform_train, with_masks=with_masks, training=True),
@@ -185,48 +283,125 @@ def _coco(root: Path, with_masks: bool) -> DetectionData:
     )
 
 
-def _coco_records(data: dict, path: Path, folder: Path, label_of: dict[int, int], training: bool) -> list[ImageRecord]:
-    records = {}
-    for image in data.get("images", []):
-        records[image["id"]] = ImageRecord(folder / image["file_name"], image["id"], image["width"], image["height"],
-                                           [], [], [], [], [])
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"COCO: {path} is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"COCO: {path} holds a {type(data).__name__}, not COCO's object of images, annotations "
+                         "and categories")
+    return data
+
+
+def _coco_list(data: dict, key: str, path: Path) -> list:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise ValueError(f"COCO: {path.name} has {key!r} = {value!r:.40} ({type(value).__name__}), expected a list")
+    return value
+
+
+def _coco_categories(data: dict, path: Path) -> list[dict]:
+    categories = _coco_list(data, "categories", path)
+    if not categories:
+        raise ValueError(f"COCO: {path} lists no categories")
+    seen: dict[int, str] = {}
+    for category in categories:
+        where = f"COCO: {path.name}: category {category.get('id') if isinstance(category, dict) else category!r}"
+        category_id, name = _field(category, "id", (int,), where), _field(category, "name", (str,), where)
+        if category_id in seen:
+            raise ValueError(f"COCO: {path.name} lists category id {category_id} twice ({seen[category_id]!r} and "
+                             f"{name!r}); every category needs its own id")
+        seen[category_id] = name
+    return sorted(categories, key=lambda c: c["id"])
+
+
+def _coco_records(data: dict, path: Path, folder: Path, label_of: dict[int, int],
+                  with_masks: bool) -> list[ImageRecord]:
+    """The json's images and objects as it says them, every value checked."""
+    records: dict[int, ImageRecord] = {}
+    for image in _coco_list(data, "images", path):
+        where = f"COCO: {path.name}: image {image.get('id') if isinstance(image, dict) else image!r}"
+        image_id = _field(image, "id", (int,), where)
+        file_name = _field(image, "file_name", (str,), where)
+        width, height = _field(image, "width", (int,), where), _field(image, "height", (int,), where)
+        if width < 1 or height < 1:
+            raise ValueError(f"{where} ({file_name}) is {width}×{height} pixels; width and height must be positive")
+        if image_id in records:
+            raise ValueError(f"COCO: {path.name} lists image id {image_id} twice ({records[image_id].path.name} and "
+                             f"{file_name}); every image needs its own id, or their annotations get mixed up")
+        records[image_id] = ImageRecord(folder / file_name, image_id, width, height, [], [], [], [], [])
     missing = [r.path for r in records.values() if not r.path.is_file()]
     if missing:
         raise FileNotFoundError(f"COCO: {len(missing)} of the {len(records)} images that {path.name} names are "
                                 f"missing, e.g. {missing[0]}; complete the image folder or use the matching json")
-    degenerate = 0
-    for ann in data.get("annotations", []):
-        if ann["category_id"] not in label_of:
-            raise ValueError(f"COCO: annotation {ann.get('id')} of {path.name} has category id {ann['category_id']}, "
-                             f"which the categories ({sorted(label_of)}) do not list")
-        record = records.get(ann["image_id"])
+    for ann in _coco_list(data, "annotations", path):
+        where = f"COCO: {path.name}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r}"
+        category_id = _field(ann, "category_id", (int,), where)
+        if category_id not in label_of:
+            raise ValueError(f"{where} has category id {category_id}, which the categories ({sorted(label_of)}) do "
+                             "not list")
+        image_id = _field(ann, "image_id", (int,), where)
+        record = records.get(image_id)
         if record is None:
-            raise ValueError(f"COCO: annotation {ann.get('id')} of {path.name} is for image id {ann['image_id']}, "
-                             "which the json's images do not list")
-        x, y, w, h = ann["bbox"]
-        if w <= 0 or h <= 0:
-            degenerate += 1
-            continue
+            raise ValueError(f"{where} is for image id {image_id}, which the json's images do not list")
+        x, y, w, h = _coordinates(_field(ann, "bbox", (list,), where), 4, where, "bbox [x, y, width, height]")
+        iscrowd = _field(ann, "iscrowd", (int,), where, required=False) or 0
+        area = _field(ann, "area", (int, float), where, required=False)
+        if area is not None and not (math.isfinite(area) and area >= 0):
+            raise ValueError(f"{where} has area {area}; it must be a finite number ≥ 0")
+        segmentation = ann.get("segmentation") or []
+        if with_masks:
+            _check_segmentation(segmentation, record.width, record.height, f"{where} (image {record.path.name})")
         record.boxes.append([x, y, x + w, y + h])
-        record.labels.append(label_of[ann["category_id"]])
-        record.iscrowd.append(int(ann.get("iscrowd", 0)))
-        record.areas.append(float(ann.get("area", w * h)))
-        record.segmentations.append(ann.get("segmentation") or [])
-    return _finish_records(list(records.values()), path.name, degenerate, training)
+        record.labels.append(label_of[category_id])
+        record.iscrowd.append(int(iscrowd != 0))
+        record.areas.append(float(w * h if area is None else area))
+        record.segmentations.append(segmentation)
+    return list(records.values())
 
 
-def _finish_records(records: list[ImageRecord], source: str, degenerate: int, training: bool) -> list[ImageRecord]:
-    if degenerate:
-        logger.warning("%s: dropped %d boxes of zero or negative width or height", source, degenerate)
-    if training:  # torchvision's reference script drops them too: they teach only the background
+def _finish_records(records: list[ImageRecord], source: str, training: bool) -> list[ImageRecord]:
+    """Validation records as they are; training records as torchvision's reference scripts train
+    (`training_records`), and without images that have no (non-crowd) object left."""
+    if training:
+        records = training_records(records, source)
         empty = [r for r in records if not any(not crowd for crowd in r.iscrowd)]
-        if empty:
+        if empty:  # torchvision's reference script drops them too: they teach only the background
             logger.warning("%s: %d of %d training images have no (non-crowd) objects and are not used for training",
                            source, len(empty), len(records))
         records = [r for r in records if any(not crowd for crowd in r.iscrowd)]
     if not records:
         raise ValueError(f"{source}: no images left to {'train on' if training else 'evaluate'}")
     return records
+
+
+MIN_TRAINING_BOX_SIZE = 1.0  # pixels: torchvision's SanitizeBoundingBoxes default
+
+
+def training_records(records: list[ImageRecord], source: str) -> list[ImageRecord]:
+    """Boxes clamped to their image, then those under `MIN_TRAINING_BOX_SIZE` wide or high dropped
+    (torchvision's ``ClampBoundingBoxes`` and ``SanitizeBoundingBoxes``); both counted and logged."""
+    out, clamped, dropped = [], 0, 0
+    for record in records:
+        keep, boxes = [], []
+        for i, (x1, y1, x2, y2) in enumerate(record.boxes):
+            box = [min(max(x1, 0.0), record.width), min(max(y1, 0.0), record.height),
+                   min(max(x2, 0.0), record.width), min(max(y2, 0.0), record.height)]
+            clamped += box != [x1, y1, x2, y2]
+            if box[2] - box[0] < MIN_TRAINING_BOX_SIZE or box[3] - box[1] < MIN_TRAINING_BOX_SIZE:
+                dropped += 1
+                continue
+            keep.append(i)
+            boxes.append(box)
+        out.append(dataclasses.replace(
+            record, boxes=boxes, labels=[record.labels[i] for i in keep], iscrowd=[record.iscrowd[i] for i in keep],
+            areas=[record.areas[i] for i in keep], segmentations=[record.segmentations[i] for i in keep]))
+    if clamped or dropped:
+        logger.warning("%s: %d training boxes reached past their image and were clamped to it; %d (after clamping) "
+                       "under %g px wide or high were dropped from training. Validation keeps every box as the file "
+                       "says.", source, clamped, dropped, MIN_TRAINING_BOX_SIZE)
+    return out
 
 
 # -- Pascal VOC ------------------------------------------------------------------------------------
@@ -249,22 +424,30 @@ def _voc(root: Path, with_masks: bool) -> DetectionData:
         if not listing.is_file():
             raise FileNotFoundError(f"Pascal VOC: {listing} is missing")
         names = listing.read_text().split()
-        records, degenerate = [], 0
-        for number, name in enumerate(names):
-            record, dropped = _voc_record(base, name, number, label_of)
-            records.append(record)
-            degenerate += dropped
-        splits.append(_finish_records(records, f"VOC {split}", degenerate, training=split == "train"))
+        records = [_voc_record(base, name, number, label_of) for number, name in enumerate(names)]
+        splits.append(_finish_records(records, f"VOC {split}", training=split == "train"))
     return DetectionData(
         name="voc",
-        train=DetectionFiles(splits[0], DetectionTransform(flip=True), with_masks=with_masks, training=True),
+        train=DetectionFiles(splits[0], DetectionTransform(flip=True, training=True), with_masks=with_masks,
+                             training=True),
         val=DetectionFiles(splits[1], DetectionTransform(), with_masks=with_masks, training=False),
         class_names=list(VOC_CLASSES),
         category_ids=list(range(1, len(VOC_CLASSES) + 1)),
     )
 
 
-def _voc_record(base: Path, name: str, number: int, label_of: dict[str, int]) -> tuple[ImageRecord, int]:
+def _voc_number(element: ElementTree.Element | None, tag: str, where: str) -> float:
+    text = element.findtext(tag) if element is not None else None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} has no number in <{tag}> (found {text!r})") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where} has <{tag}>{text}</{tag}>, not a finite number")
+    return value
+
+
+def _voc_record(base: Path, name: str, number: int, label_of: dict[str, int]) -> ImageRecord:
     xml_path = base / "Annotations" / f"{name}.xml"
     image_path = base / "JPEGImages" / f"{name}.jpg"
     for path in (xml_path, image_path):
@@ -274,26 +457,38 @@ def _voc_record(base: Path, name: str, number: int, label_of: dict[str, int]) ->
         tree = ElementTree.parse(xml_path).getroot()
     except ElementTree.ParseError as error:
         raise ValueError(f"Pascal VOC: {xml_path} is not valid XML ({error})") from None
+    where = f"Pascal VOC: {xml_path}"
     size = tree.find("size")
-    record = ImageRecord(image_path, number, int(size.findtext("width")), int(size.findtext("height")), [], [], [], [])
-    dropped = 0
-    for obj in tree.iter("object"):
+    if size is None:
+        raise ValueError(f"{where} has no <size> (the image's width and height)")
+    width, height = _voc_number(size, "width", f"{where} <size>"), _voc_number(size, "height", f"{where} <size>")
+    if width < 1 or height < 1 or width != int(width) or height != int(height):
+        raise ValueError(f"{where} says the image is {width:g}×{height:g} pixels; width and height must be positive "
+                         "integers")
+    record = ImageRecord(image_path, number, int(width), int(height), [], [], [], [])
+    for index, obj in enumerate(tree.iter("object")):
         cls = (obj.findtext("name") or "").strip()
         if cls not in label_of:
-            raise ValueError(f"Pascal VOC: {xml_path} has an object of class {cls!r}, not one of the 20 VOC classes")
+            raise ValueError(f"{where} has an object of class {cls!r}, not one of the 20 VOC classes")
         box = obj.find("bndbox")
+        object_where = f"{where}, object {index} ({cls})"
+        if box is None:
+            raise ValueError(f"{object_where} has no <bndbox>")
         # VOC's pixel indices are 1-based and inclusive: [xmin − 1, xmax] in 0-based edges.
-        x1, y1 = float(box.findtext("xmin")) - 1, float(box.findtext("ymin")) - 1
-        x2, y2 = float(box.findtext("xmax")), float(box.findtext("ymax"))
-        if x2 <= x1 or y2 <= y1:
-            dropped += 1
-            continue
+        x1, y1 = _voc_number(box, "xmin", object_where) - 1, _voc_number(box, "ymin", object_where) - 1
+        x2, y2 = _voc_number(box, "xmax", object_where), _voc_number(box, "ymax", object_where)
+        difficult = (obj.findtext("difficult") or "0").strip()
+        if difficult not in ("0", "1"):
+            raise ValueError(f"{object_where} has <difficult>{difficult}</difficult>; it must be 0 or 1")
         record.boxes.append([x1, y1, x2, y2])
         record.labels.append(label_of[cls])
-        record.iscrowd.append(int(obj.findtext("difficult") or 0))
-        record.areas.append((x2 - x1) * (y2 - y1))
-        record.segmentations.append([[x1, y1, x2, y1, x2, y2, x1, y2]])  # VOC has no instance masks: the box
-    return record, dropped
+        record.iscrowd.append(int(difficult))
+        record.areas.append(max(x2 - x1, 0.0) * max(y2 - y1, 0.0))
+        # VOC has no instance masks: the box is the mask (clamped to the image for rasterising).
+        cx1, cx2 = (min(max(v, 0.0), record.width) for v in (x1, x2))
+        cy1, cy2 = (min(max(v, 0.0), record.height) for v in (y1, y2))
+        record.segmentations.append([[cx1, cy1, cx2, cy1, cx2, cy2, cx1, cy2]])
+    return record
 
 
 # -- digit scenes ----------------------------------------------------------------------------------
@@ -325,7 +520,7 @@ class DigitScenesDataset(Dataset):
 def _digit_scenes(with_masks: bool) -> DetectionData:
     return DetectionData(
         name="digit-scenes",
-        train=DigitScenesDataset("train", DIGIT_CANVASES[0], with_masks, DetectionTransform()),
+        train=DigitScenesDataset("train", DIGIT_CANVASES[0], with_masks, DetectionTransform(training=True)),
         val=DigitScenesDataset("val", DIGIT_CANVASES[1], with_masks, DetectionTransform()),
         class_names=[str(d) for d in range(10)],
         category_ids=list(range(1, 11)),
@@ -337,14 +532,17 @@ def _digit_scenes(with_masks: bool) -> DetectionData:
 
 class DetectionTransform:
     """torchvision.transforms.v2 on an image and its target: optional horizontal flip, then float
-    [0, 1] pixels; boxes and masks travel as tv_tensors, and boxes a transform made empty are
-    removed (`SanitizeBoundingBoxes`). Resizing to the detector's scale is the detector's own
-    (``min_size`` / ``max_size``), as in torchvision's reference scripts."""
+    [0, 1] pixels; boxes and masks travel as tv_tensors. ``training``: boxes are clamped to the image
+    and those a transform made smaller than 1 px removed (``ClampBoundingBoxes`` then
+    ``SanitizeBoundingBoxes``, as torchvision's reference scripts); evaluation targets stay as the
+    annotation file says. Resizing to the detector's scale is the detector's own (``min_size`` /
+    ``max_size``), as in torchvision's reference scripts."""
 
-    def __init__(self, flip: bool = False):
+    def __init__(self, flip: bool = False, training: bool = False):
         steps = [v2.RandomHorizontalFlip(0.5)] if flip else []
-        self.transform = v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True),
-                                     v2.SanitizeBoundingBoxes(labels_getter=_sanitized_fields)])
+        sanitize = [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=MIN_TRAINING_BOX_SIZE,
+                                                                      labels_getter=_sanitized_fields)]
+        self.transform = v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), *(sanitize if training else [])])
 
     def __call__(self, image: tv_tensors.Image, target: dict):
         height, width = image.shape[-2:]

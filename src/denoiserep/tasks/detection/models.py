@@ -53,6 +53,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from ...checkpoint import read_state_dict
 from ...head import DenoiseHead, PerPositionHead
 
 TORCHVISION_FAMILIES = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
@@ -125,7 +126,14 @@ def create_timm_features(name: str, *, in_chans: int = 3, weights: str | None = 
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights {path} do not exist (nothing is downloaded: pass a local "
                                     "file, or \"hub\" to let timm download them)")
-        body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **options)
+        # Read by denoiserep's own reader (nothing but tensors is unpickled; a named error otherwise),
+        # then handed to timm, which adapts it (classifier, input channels) as for its own weights.
+        state = read_state_dict(path)
+        try:
+            body = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"state_dict": state}, **options)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise ValueError(f"backbone_weights {path} do not fit timm's {name} ({type(error).__name__}: "
+                             f"{str(error)[:300]}); pass weights of the same timm model") from None
     if frozen_bn if frozen_bn is not None else weights is not None:
         body = timm.layers.freeze_batch_norm_2d(body)
     return body

@@ -4,7 +4,6 @@ DenoiseRep on the backbone by default (the paper denoises the backbone's embeddi
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -13,14 +12,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from ...convert import unwrap
-from ...data.images import (
-    UNLABELED_EXTENSIONS,
-    SkipUnreadable,
-    UnlabeledImageDataset,
-    existing_directory,
-    list_entries,
-    unlabeled_datasets,
-)
+from ...data.images import SkipUnreadable, UnlabeledImageDataset, unlabeled_datasets, unlabeled_image_files
+from ...finite import max_abs_difference, within, worst
 from ...head import DenoiseHead
 from ...metrics.detection import DetectionMetric
 from ...metrics.detection import evaluate as evaluate_detections  # `evaluate` is this task's method
@@ -29,7 +22,7 @@ from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, un
 from ..base import TaskBase, model_kwargs_without_classes
 from .data import DetectionData, collate, load_detection_data
 from .models import DetectionModel, build_detection_model, parse_model_name
-from .sampling import AspectRatioBatchSampler
+from .sampling import AspectRatioBatchSampler, warn_about_small_groups
 
 PREDICTION_IMAGES = 64  # validation images whose detections are compared fused vs unfused
 BOX_TOLERANCE = 1e-3  # pixels: detections this close are the same detection
@@ -75,6 +68,8 @@ class DetectionTask(TaskBase):
         self.iou_types = ("bbox", "segm") if self.family == "maskrcnn" else ("bbox",)
         self.data: DetectionData = load_detection_data(cfg.data, with_masks=self.family == "maskrcnn")
         self.train_set: Dataset = SkipUnreadable(self.data.train) if cfg.skip_bad_images else self.data.train
+        if hasattr(self.data.train, "aspect_ratios"):
+            warn_about_small_groups(self.data.train.aspect_ratios(), cfg.batch_size, f"{cfg.data} training set")
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, _unlabeled_images,
                                                             skip_unreadable=cfg.skip_bad_images)
 
@@ -188,17 +183,16 @@ class DetectionTask(TaskBase):
     def compare_outputs(self, unfused: list[dict], fused: list[dict]) -> dict:
         """Images whose detections differ (count, labels, boxes beyond `BOX_TOLERANCE` px or scores beyond
         `SCORE_TOLERANCE`), the largest differences where they match, and the AP of both on those images."""
-        differing, box_diff, score_diff = 0, 0.0, 0.0
+        differing, box_diffs, score_diffs = 0, [], []
         for a, b in zip(unfused, fused):
             if len(a["boxes"]) != len(b["boxes"]) or not torch.equal(a["labels"], b["labels"]):
                 differing += 1
                 continue
-            if len(a["boxes"]):
-                box_diff = max(box_diff, float((a["boxes"] - b["boxes"]).abs().max()))
-                score_diff = max(score_diff, float((a["scores"] - b["scores"]).abs().max()))
-                if not (torch.allclose(a["boxes"], b["boxes"], rtol=0, atol=BOX_TOLERANCE)
-                        and torch.allclose(a["scores"], b["scores"], rtol=0, atol=SCORE_TOLERANCE)):
-                    differing += 1
+            box_diffs.append(max_abs_difference(a["boxes"], b["boxes"]))
+            score_diffs.append(max_abs_difference(a["scores"], b["scores"]))
+            if not (within(box_diffs[-1], BOX_TOLERANCE) and within(score_diffs[-1], SCORE_TOLERANCE)):
+                differing += 1
+        box_diff, score_diff = worst(box_diffs), worst(score_diffs)
         targets = [self.data.val[i][1] for i in range(len(unfused))]
         return {"detection_images_differ": differing, "compared_images": len(unfused),
                 "max_box_difference": box_diff, "max_score_difference": score_diff,
@@ -209,7 +203,7 @@ class DetectionTask(TaskBase):
         differing = sum(r.extra["detection_images_differ"] for r in results)
         total = sum(r.extra["compared_images"] for r in results)
         if differing == 0:
-            box = max(r.extra["max_box_difference"] for r in results)
+            box = worst(r.extra["max_box_difference"] for r in results)
             return f"yes (identical detections; boxes within {box:.1e} px)"
         same_ap = all(r.extra["unfused_ap"] == r.extra["fused_ap"] for r in results)
         if same_ap:
@@ -221,10 +215,6 @@ def _unlabeled_images(path: str) -> Dataset:
     """Every image under ``path`` (recursive) as float [0, 1] tensors at their own size, for the
     label-free loss (``--extra-data``, ``--denoise-data``); the detector resizes them as it does
     labelled images."""
-    root = existing_directory(path, "unlabeled images")
-    files = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in UNLABELED_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no images found under '{root}' (searched recursively for "
-                                f"{', '.join(UNLABELED_EXTENSIONS)}); it holds: {list_entries(root)}")
     to_tensor = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
-    return UnlabeledImageDataset(files, "RGB", lambda image: to_tensor(image).as_subclass(torch.Tensor))
+    return UnlabeledImageDataset(unlabeled_image_files(path), "RGB",
+                                 lambda image: to_tensor(image).as_subclass(torch.Tensor))

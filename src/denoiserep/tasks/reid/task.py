@@ -33,6 +33,7 @@ from torchvision import transforms as T
 
 from ...convert import unwrap
 from ...data.images import SkipUnreadable, load_unlabeled_images, read_image, unlabeled_datasets
+from ...finite import max_abs_difference, within, worst
 from ...head import DenoiseHead
 from ...metrics.reid import evaluate_features
 from ...models import default_model_for
@@ -354,7 +355,7 @@ class ReidTask(TaskBase):
             features = F.normalize(features.float(), dim=1)
             return (features[:self.num_query] @ features[self.num_query:].T).argmax(1)
 
-        error = float((fused - unfused).abs().max())
+        error = max_abs_difference(unfused, fused)
         return {"fused_vs_unfused_max_feature_error": error,
                 "fused_vs_unfused_max_relative_error": error / max(float(unfused.abs().max()), 1e-12),
                 "prediction_changes": int((nearest(fused) != nearest(unfused)).sum())}
@@ -368,15 +369,15 @@ class ReidTask(TaskBase):
         the same. The check is on the embeddings (relative error ≤ 1e-5, the fusion contract);
         the mAP difference and rank-1 changes are reported next to it.
         """
-        errors = [r.extra.get("fused_vs_unfused_max_relative_error", r.extra.get("fuse_max_relative_error", 0.0))
-                  for r in results]
-        gap = max(abs(r.extra["unfused_metrics"][self.primary_metric] - r.metrics[self.primary_metric])
-                  for r in results)
+        error = worst(r.extra.get("fused_vs_unfused_max_relative_error", r.extra.get("fuse_max_relative_error", 0.0))
+                      for r in results)
+        gap = worst(abs(r.extra["unfused_metrics"][self.primary_metric] - r.metrics[self.primary_metric])
+                    for r in results)
         changes = sum(r.extra.get("prediction_changes", 0) for r in results)
-        detail = f"embeddings within {max(errors):.0e}"
+        detail = f"embeddings within {error:.0e}"
         detail += ", mAP identical" if gap == 0 else f", mAP within {gap:.1e} (near-tied distances)"
         if changes:
             detail += f", {changes} rank-1 matches swapped"
-        if max(errors) <= FUSED_RELATIVE_TOLERANCE:
+        if within(error, FUSED_RELATIVE_TOLERANCE):
             return f"yes ({detail})"
         return f"NO: {detail}"

@@ -8,14 +8,18 @@
   ``gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`` (19 classes, 255 ignored).
 - ``voc:PATH``: Pascal VOC 2012 (``JPEGImages``, ``SegmentationClass``, ``ImageSets/Segmentation``;
   21 classes, 255 ignored); PATH may be ``VOCdevkit/VOC2012`` or a folder above it.
-- ``folder:PATH``: ``images/{train,val}/*`` with ``masks/{train,val}/<same stem>.png`` and
-  ``classes.txt`` (one class name per line; mask values are class indices, 255 ignored).
+- ``folder:PATH``: ``images/{train,val}/**`` with ``masks/{train,val}/<same relative path>.png`` (e.g.
+  ``images/val/a/0.jpg`` → ``masks/val/a/0.png``) and ``classes.txt`` (one class name per line; mask
+  values are class indices, 255 ignored).
 
 Items are ``(image, mask)``: a float (3, H, W) image normalised with ImageNet's mean and std and an
 int64 (H, W) mask. Training: mmseg's pipeline (random rescale by 0.5–2.0 of the data set's base
 scale, random crop whose largest class covers at most 75 % of it, flip, photometric jitter);
-evaluation: the full-resolution image. Files are checked when read: a missing annotation, a mask
-of another size than its image, or label values outside the classes name the file.
+evaluation: the full-resolution image. Files are checked when read: a missing annotation, two images
+that would share one annotation, a mask of another size than its image, or label values outside the
+classes (negative ones included) name the file. Unlabeled images (``--extra-data``, ``--denoise-data``)
+go through the same training pipeline (`SegmentationData.unlabeled`); the embedded digit scenes take
+none.
 """
 
 from __future__ import annotations
@@ -26,13 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ...data.embedded import load_digit_scenes
-from ...data.images import existing_directory, list_entries, read_image, read_label_map
+from ...data.images import (
+    UnlabeledImageDataset,
+    existing_directory,
+    list_entries,
+    read_image,
+    read_label_map,
+    unlabeled_image_files,
+)
 
 IGNORE_INDEX = 255
 ADE20K_CLASSES = 150
@@ -56,6 +68,16 @@ class SegmentationData:
     val: Dataset
     class_names: list[str]
     in_chans: int = 3
+    train_transform: "TrainTransform | None" = None  # None: tensors without a file pipeline (digit scenes)
+
+    def unlabeled(self, path: str) -> Dataset:
+        """Every image under ``path`` as the training images arrive (rescale, crop, flip, jitter,
+        normalise), for the label-free loss."""
+        if self.train_transform is None:
+            raise ValueError(f"--extra-data / --denoise-data {path}: the {self.name} data are embedded tensors with "
+                             "their own normalisation, which other images cannot share; use them with a file-based "
+                             "data set (ade20k:, cityscapes:, voc:, folder:)")
+        return UnlabeledImageDataset(unlabeled_image_files(path), "RGB", self.train_transform.image_only)
 
     @property
     def num_classes(self) -> int:
@@ -79,6 +101,7 @@ def load_segmentation_data(spec: str, *, crop_size: int | None = None) -> Segmen
         train=SegmentationFiles(train_pairs, len(class_names), reduce_zero_label, train_tf),
         val=SegmentationFiles(val_pairs, len(class_names), reduce_zero_label, EvalTransform()),
         class_names=list(class_names),
+        train_transform=train_tf,
     )
 
 
@@ -115,7 +138,7 @@ class SegmentationFiles(Dataset):
                              f"{image.size[0]}×{image.size[1]}; every mask must match its image")
         if self.reduce_zero_label:  # ADE20K: 0 is "other" (ignored); classes 1..150 become 0..149
             labels = torch.where(labels == 0, IGNORE_INDEX, labels - 1)
-        bad = labels[(labels >= self.num_classes) & (labels != IGNORE_INDEX)]
+        bad = labels[((labels >= self.num_classes) | (labels < 0)) & (labels != IGNORE_INDEX)]
         if bad.numel():
             raise ValueError(f"mask {mask_path} holds label values {bad.unique()[:5].tolist()}, but the data set has "
                              f"{self.num_classes} classes (and {IGNORE_INDEX} = ignore); is it the right annotation?")
@@ -129,11 +152,15 @@ class SegmentationFiles(Dataset):
 def _pairs(images: list[Path], mask_for, what: str) -> list[tuple[Path, Path]]:
     if not images:
         raise FileNotFoundError(f"the {what} split has no images")
-    pairs = []
+    pairs, image_of = [], {}
     for image in images:
         mask = mask_for(image)
         if not mask.is_file():
             raise FileNotFoundError(f"image {image} has no annotation: expected {mask}")
+        if mask in image_of:
+            raise ValueError(f"images {image_of[mask]} and {image} would share one annotation, {mask}; give each "
+                             "image its own name (stem) or, for folder:, its own mask at the same relative path")
+        image_of[mask] = image
         pairs.append((image, mask))
     return pairs
 
@@ -200,8 +227,11 @@ def _folder(root: Path):
     if not classes_file.is_file():
         raise FileNotFoundError(f"{classes_file} is missing: list the class names, one per line, in mask-value order")
     classes = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
-    splits = tuple(_pairs(_images_in(root / "images" / split), lambda p, s=split: root / "masks" / s / f"{p.stem}.png",
-                          f"folder {split}") for split in ("train", "val"))
+    def mask_for(image: Path, split: str) -> Path:  # images/val/a/0.jpg -> masks/val/a/0.png
+        return (root / "masks" / split / image.relative_to(root / "images" / split)).with_suffix(".png")
+
+    splits = tuple(_pairs(_images_in(root / "images" / split), lambda p, s=split: mask_for(p, s), f"folder {split}")
+                   for split in ("train", "val"))
     return splits, classes, False
 
 
@@ -232,6 +262,12 @@ class TrainTransform:
             v2.RandomHorizontalFlip(0.5),
             v2.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=18 / 360),
         ])
+
+    def image_only(self, image: Image.Image) -> torch.Tensor:
+        """The same pipeline for an unlabeled image (its crop ignores the class-ratio rule)."""
+        pixels = tv_tensors.Image(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
+        ignored = tv_tensors.Mask(torch.full(pixels.shape[-2:], IGNORE_INDEX, dtype=torch.int64))
+        return self(pixels, ignored)[0]
 
     def __call__(self, image, mask):
         r = random.uniform(*self.ratio)

@@ -5,6 +5,7 @@ window), DenoiseRep on the encoder by default."""
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import torch
@@ -12,16 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ...data.images import SkipUnreadable, unlabeled_datasets
 from ...head import DenoiseHead
 from ...metrics.segmentation import SegmentationMetric
 from ...train.config import TrainConfig
-from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices
+from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
 from ..base import TaskBase, model_kwargs_without_classes
 from .data import IGNORE_INDEX, SegmentationData, load_segmentation_data
 from .models import AUX_LOSS_WEIGHT, SegmentationModel, build_segmentation_model
 
 PREDICTION_IMAGES = 64  # validation images whose argmax maps are compared fused vs unfused
+SLIDE_WINDOW = 512  # sliding-window size without --crop-size (mmseg's 512 × 512 crops)
 DEMO_MODEL = "fcn:resnet18"
+
+logger = logging.getLogger(__name__)
 
 
 class SegmentationTask(TaskBase):
@@ -42,7 +47,16 @@ class SegmentationTask(TaskBase):
         super().__init__(cfg)
         if cfg.mixup or cfg.cutmix:
             raise ValueError("--mixup / --cutmix are classification options; segmentation does not mix images")
+        self.window = cfg.crop_size or SLIDE_WINDOW
+        if cfg.slide_stride is not None and cfg.slide_stride > self.window:
+            raise ValueError(f"--slide-stride {cfg.slide_stride} is larger than the sliding window (--crop-size "
+                             f"{self.window}): the pixels between two windows would get no prediction. Use a stride "
+                             f"of at most {self.window} (mmseg: about 2/3 of the crop)")
         self.data: SegmentationData = load_segmentation_data(cfg.data, crop_size=cfg.crop_size)
+        self.train_set = SkipUnreadable(self.data.train) if cfg.skip_bad_images else self.data.train
+        self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, self.data.unlabeled,
+                                                            skip_unreadable=cfg.skip_bad_images)
+        self._unlabelled_batches = 0
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -78,8 +92,14 @@ class SegmentationTask(TaskBase):
 
     # -- data --------------------------------------------------------------------------------
     def train_loader(self, info: DistInfo, seed: int, epoch: int, for_denoisers: bool = False) -> DataLoader:
-        sampler = GlobalBatchSampler(len(self.data.train), self.cfg.batch_size, info, seed, epoch)
-        return DataLoader(self.data.train, batch_sampler=sampler, num_workers=self.cfg.workers)
+        """Shuffled global batches of training crops; the denoise stage may train on ``--denoise-data``."""
+        dataset = self.denoise_train if for_denoisers and self.denoise_train is not None else self.train_set
+        sampler = GlobalBatchSampler(len(dataset), self.cfg.batch_size, info, seed, epoch)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers)
+
+    def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
+        """Unlabeled crops for the label-free loss (``--extra-data``)."""
+        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
 
     def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
         batches = self._val_batches(list(range(len(self.data.val))))
@@ -87,12 +107,27 @@ class SegmentationTask(TaskBase):
 
     # -- training ----------------------------------------------------------------------------
     def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy over the labelled pixels (+ the auxiliary head's). A batch without any (every
+        pixel the ignore index) has no task loss: it contributes 0, where the mean over no pixels would be
+        NaN, and the first one is logged."""
         images, masks = batch
         outputs = model(images)
-        main = F.cross_entropy(outputs["out"].float(), masks, ignore_index=IGNORE_INDEX)
+        labelled = bool((masks != IGNORE_INDEX).any())
+        if not labelled:
+            self._unlabelled_batches += 1
+            if self._unlabelled_batches == 1:
+                logger.warning("a training batch has no labelled pixel (every mask value is %d): it adds no task loss "
+                               "(further ones are not logged)", IGNORE_INDEX)
+
+        def loss(logits: torch.Tensor) -> torch.Tensor:
+            if not labelled:
+                return logits.float().sum() * 0.0  # zero, still part of the graph (DDP reduces every parameter)
+            return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
+
+        main = loss(outputs["out"])
         if "aux" not in outputs:
             return main, {}
-        aux = F.cross_entropy(outputs["aux"].float(), masks, ignore_index=IGNORE_INDEX)
+        aux = loss(outputs["aux"])
         return main + AUX_LOSS_WEIGHT * aux, {"loss_main": main.item(), "loss_aux": aux.item()}
 
     # -- evaluation --------------------------------------------------------------------------
@@ -104,7 +139,10 @@ class SegmentationTask(TaskBase):
             if self.cfg.slide_stride is None:
                 logits = model(images).float()
             else:
-                logits = _slide(model, images, self.cfg.crop_size or 512, self.cfg.slide_stride, self.data.num_classes)
+                logits = _slide(model, images, self.window, self.cfg.slide_stride, self.data.num_classes)
+        if not bool(torch.isfinite(logits).all()):  # argmax would turn NaN into class 0 without a word
+            raise ValueError("the model's logits hold NaN or infinite values on a validation image; its weights "
+                             "diverged (lower --lr, set --grad-clip) or the checkpoint is damaged")
         return logits.argmax(1)
 
     @torch.no_grad()
@@ -149,6 +187,8 @@ class SegmentationTask(TaskBase):
 
 def _slide(model: nn.Module, images: torch.Tensor, crop: int, stride: int, num_classes: int) -> torch.Tensor:
     """mmseg's ``slide_inference``: windows of ``crop`` every ``stride``, the last one flush with the edge."""
+    if stride > crop:
+        raise ValueError(f"a sliding-window stride of {stride} leaves pixels between windows of {crop} uncovered")
     batch, _, height, width = images.shape
     logits = images.new_zeros((batch, num_classes, height, width))
     counts = images.new_zeros((1, 1, height, width))
