@@ -71,8 +71,7 @@ def test_two_iterations_then_denoise_calibrate_and_fuse_with_the_same_detections
     # Fused == unfused: the same detections (no flip happened on these images), hence the same AP.
     assert extra["detection_images_differ"] == 0 and extra["fused_ap"] == extra["unfused_ap"]
     calibration = extra["noise_loss"]["calibration"]  # the closed form ran on detection batches
-    assert calibration["train_l2_after"] == pytest.approx(calibration["train_l2_optimum"], rel=1e-3)
-    assert calibration["train_l2_after"] < calibration["train_l2_before"]
+    assert calibration["l2_optimum"] <= calibration["l2_after"] < calibration["l2_before"]
     # The fused weights are the plain detector's: they load into a freshly built one.
     cfg = TrainConfig.from_yaml(run / "config.yaml")
     dr.load_fused(DetectionTask(cfg).build_model(), run / "denoiserep" / "model.safetensors")

@@ -283,9 +283,8 @@ def test_two_iterations_of_training_then_denoise_and_fuse_with_identical_argmax_
     result = json.loads((tmp_path / "runs" / "run" / "denoiserep" / "result.json").read_text())
     assert len(result["history"]) == 1 and result["extra"]["pixel_changes"] == 0
     assert set(result["metrics"]) == {"mIoU", "aAcc", "mAcc", "mBIoU"}
-    calibration = result["extra"]["noise_loss"]["calibration"]  # on the training crops it was fitted to
-    assert calibration["train_l2_after"] == pytest.approx(calibration["train_l2_optimum"], rel=1e-3)
-    assert calibration["train_l2_after"] < calibration["train_l2_before"]
+    calibration = result["extra"]["noise_loss"]["calibration"]  # on training crops it did not fit
+    assert calibration["l2_optimum"] <= calibration["l2_after"] < calibration["l2_before"]
 
 
 def test_the_convert_scope_chooses_the_encoder_or_everything(tmp_path):

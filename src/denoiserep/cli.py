@@ -51,6 +51,8 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--denoise-init", "denoise_init", {"choices": ["calibrate", "identity"],
                                          "help": "start the denoisers at their closed-form optimum (default) or at identity"}),
     ("--calibrate-batches", "calibrate_batches", {"type": int, "help": "training batches the calibration sees"}),
+    ("--calibrate-passes", "calibrate_passes", {"type": int, "help": "calibration passes: each later one refits "
+                                                "every layer to the inputs the calibrated layers before it produce"}),
     ("--head-steps", "head_steps", {"type": int, "help": "DenoiseRep⁻ reverse steps"}),
     ("--device", "device", {"choices": ["auto", "cpu", "cuda"]}),
     ("--threads", "threads", {"type": int, "help": "torch CPU threads (default: 1 below 5M parameters, else torch's)"}),

@@ -65,6 +65,9 @@ class TrainConfig:
     # its epochs from there; "identity": the paper's start (the converted model equals the baseline).
     denoise_init: str = "calibrate"
     calibrate_batches: int = 100
+    # Calibration passes: each later pass refits every layer to the inputs the earlier layers'
+    # calibrated denoisers produce (`denoiserep.calibrate(passes=...)`).
+    calibrate_passes: int = 1
     denoise: dict = field(default_factory=dict)  # DenoiseConfig fields
     head_steps: int = 10  # DenoiseRep⁻ reverse steps
     # run
@@ -92,7 +95,7 @@ class TrainConfig:
         if self.denoise_init not in DENOISE_INITS:
             raise ValueError(f"--denoise-init must be one of {', '.join(DENOISE_INITS)}, got {self.denoise_init!r}")
         for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps", "calibrate_batches",
-                     "image_size", "threads", "workers", "crop_size", "slide_stride"):
+                     "calibrate_passes", "image_size", "threads", "workers", "crop_size", "slide_stride"):
             value, lowest = getattr(self, name), 0 if name in ("epochs", "extra_epochs", "workers") else 1
             if value is not None and value < lowest:
                 raise ValueError(f"{name} must be {'≥ 0' if lowest == 0 else 'positive'}, got {value}")
