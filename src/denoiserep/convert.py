@@ -229,6 +229,7 @@ def _functionally_called_layers(model: nn.Module) -> dict[str, str]:
 
 # Affine layers with weights that DenoiseRep cannot carry a denoiser on (named, not skipped silently).
 _UNSUPPORTED_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NOT_SUPPORTED = ": not supported"
 
 
 def _unsupported(model: nn.Module, config: DenoiseConfig, heads: dict[int, str]) -> list[LeftOut]:
@@ -237,13 +238,14 @@ def _unsupported(model: nn.Module, config: DenoiseConfig, heads: dict[int, str])
         if id(module) in heads or not name or not _name_selected(name, config):
             continue
         if isinstance(module, _UNSUPPORTED_LAYERS):
-            found.append(LeftOut(name, f"{type(module).__name__} is not supported"))
+            found.append(LeftOut(name, f"{type(module).__name__}{_NOT_SUPPORTED}"))
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             found.append(LeftOut(f"{name}.in_proj_weight", "MultiheadAttention's packed input projection, not a layer"))
     if found:
+        named = ", ".join(f"{e.name} ({e.reason.removesuffix(_NOT_SUPPORTED)})" for e in found)
         warnings.warn(
-            "DenoiseRep cannot convert these and leaves them as they are (only Linear and Conv1d/2d/3d "
-            f"fuse exactly): {', '.join(f'{entry.name} ({entry.reason})' for entry in found)}",
+            f"DenoiseRep cannot convert these and leaves them as they are (only Linear and Conv1d/2d/3d fuse exactly): "
+            f"{named}",
             stacklevel=4,
         )
     return found

@@ -417,10 +417,11 @@ def load_init_weights(model: nn.Module, path: str, reset_classifier: bool = Fals
             continue
         if not reset_classifier:
             raise ValueError(
-                f"--init {path} has a classifier ({head_name}) of another shape than this model's: "
-                f"{differs[0]} is {tuple(state[differs[0]].shape)} in the file and {tuple(own[differs[0]].shape)} in "
-                "the model (another number of classes). Pass --reset-classifier to start a new classifier from the "
-                "rest of the checkpoint (then train it: --epochs > 0), or use a checkpoint of this data's classes."
+                f"--init {path} has a {state[differs[0]].shape[0]}-class classifier ({head_name}) but this model has "
+                f"{own[differs[0]].shape[0]} classes ({differs[0]}: {tuple(state[differs[0]].shape)} in the file, "
+                f"{tuple(own[differs[0]].shape)} in the model). Pass --reset-classifier to start a new classifier "
+                "from the rest of the checkpoint (then train it: --epochs > 0), or use a checkpoint of this data's "
+                "classes."
             )
         logger.warning("--init %s: its classifier %s does not fit this data's classes and is not loaded; a new one "
                        "is trained (--reset-classifier)", path, head_name)
