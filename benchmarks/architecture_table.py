@@ -1,4 +1,4 @@
-"""Fifteen real architectures, built without downloads: convert with the default DenoiseConfig (random
+"""Fifteen real architectures (issue 21's fourteen and timm's resnet18), built without downloads: convert with the default DenoiseConfig (random
 denoisers, so that fusion has something to prove), fuse, and check what a user needs afterwards.
 
     PYTHONPATH=src python benchmarks/architecture_table.py [--only NAME ...]
@@ -46,6 +46,12 @@ def _hf(name: str):
     raise KeyError(name)
 
 
+def _random_head(model):
+    """torchvision's ViT starts its head at zero: every output would be 0 and any fusion error invisible."""
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
 # name -> (builder, input size, keyword input name or None for a positional tensor)
 ARCHITECTURES = {
     "timm convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), 64, None),
@@ -55,9 +61,11 @@ ARCHITECTURES = {
     "timm swinv2_cr_tiny_ns_224": (lambda: timm.create_model("swinv2_cr_tiny_ns_224", img_size=(128, 128),
                                                              window_size=4, num_classes=10), 128, None),
     "timm mobilenetv3_large_100": (lambda: timm.create_model("mobilenetv3_large_100", num_classes=10), 64, None),
+    "timm resnet18": (lambda: timm.create_model("resnet18", num_classes=10), 64, None),
     "torchvision resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 64, None),
     "torchvision mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), 64, None),
-    "torchvision vit_b_16": (lambda: torchvision.models.vit_b_16(num_classes=10, image_size=64), 64, None),
+    "torchvision vit_b_16": (lambda: _random_head(torchvision.models.vit_b_16(num_classes=10, image_size=64)), 64,
+                             None),
     "torchvision convnext_tiny": (lambda: torchvision.models.convnext_tiny(num_classes=10), 64, None),
     "HF ViT": (lambda: _hf("vit"), 64, "pixel_values"),
     "HF ConvNeXt": (lambda: _hf("convnext"), 64, "pixel_values"),
