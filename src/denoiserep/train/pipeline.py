@@ -84,8 +84,11 @@ def _add_finished_stages(cfg: TrainConfig, task, seeds: list[int], results: dict
     folders = [{path.parent.name: path for path in seed_config(cfg, s, len(seeds)).run_dir.glob("*/result.json")}
                for s in seeds]
     canonical = [spec.variant for spec in variant_specs(["all"], cfg.lam)]
-    finished = sorted(set.intersection(*(set(f) for f in folders)),
-                      key=lambda v: (canonical.index(v) if v in canonical else len(canonical), v))
+
+    def order(variant: str) -> tuple[int, str]:
+        return canonical.index(variant) if variant in canonical else len(canonical), variant
+
+    finished = sorted(set.intersection(*(set(f) for f in folders)), key=order)
     for seed, found in zip(seeds, folders):
         seed_cfg = seed_config(cfg, seed, len(seeds))
         for variant in finished:
@@ -93,9 +96,7 @@ def _add_finished_stages(cfg: TrainConfig, task, seeds: list[int], results: dict
                 stage = json.loads(found[variant].read_text())["stage"]
                 results[seed][variant] = run_stage(StageSpec(stage, variant), seed_cfg, task, info, device,
                                                    resume=True)
-        results[seed] = dict(sorted(results[seed].items(),
-                                    key=lambda item: (canonical.index(item[0]) if item[0] in canonical
-                                                      else len(canonical), item[0])))
+        results[seed] = {variant: results[seed][variant] for variant in sorted(results[seed], key=order)}
 
 
 def _finish(cfg: TrainConfig, task, seeds: list[int], results: dict[int, dict[str, StageResult]], info: DistInfo,
