@@ -33,9 +33,9 @@ def test_convert_train_fuse_on_a_real_architecture(arch):
     model = build()
     original = copy.deepcopy(model).eval()
     x = torch.randn(2, 3, size, size)
-    # Swin's patch-merging `reduction` layers are bias-free with a LayerNorm after them:
-    # keep_state_dict_keys leaves them out so that the fused weights load strictly.
-    config = DenoiseConfig(init="random", schedule="ddpm", timestep_range=(1, 1000), keep_state_dict_keys=True)
+    # Swin's patch-merging `reduction` layers are bias-free with a LayerNorm after them: by default
+    # (keep_state_dict_keys=True) they are left out, so that the fused weights load strictly.
+    config = DenoiseConfig(init="random", schedule="ddpm", timestep_range=(1, 1000))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dr.convert(model, config, example_inputs=x)

@@ -207,8 +207,8 @@ def test_every_layer_type_reaches_its_closed_form_optimum_and_still_fuses_exactl
     linear = isinstance(layer, nn.Linear)
     x = layer_inputs(shape, -1 if linear else 1)
     model = nn.Sequential(layer)
-    dr.convert(model, DenoiseConfig(schedule="ddpm", timestep_range=(150, 150), denoiser=form, rank=2),
-               example_inputs=x[:1])
+    dr.convert(model, DenoiseConfig(schedule="ddpm", timestep_range=(150, 150), denoiser=form, rank=2,
+                                    keep_state_dict_keys=False), example_inputs=x[:1])
     report = dr.calibrate(model, [x[:2], x[2:]], progress=False, **IN_SAMPLE)
     denoiser = only_denoiser(model)
 

@@ -85,7 +85,7 @@ def test_identity_init_leaves_the_model_unchanged_before_training():
 def test_bias_free_conv_folds_into_the_following_batchnorm_and_otherwise_gains_a_bias():
     model = ConvBN()
     x = torch.randn(2, 3, 8, 8)
-    dr.convert(model, DenoiseConfig(init="random"), example_inputs=x)
+    dr.convert(model, DenoiseConfig(init="random", keep_state_dict_keys=False), example_inputs=x)
     _, report = dr.fuse(model, example_inputs=x, return_report=True)
     how = {layer.name: layer.bias for layer in report.layers}
     assert how == {"conv": "folded into bn", "proj": "added"}
@@ -112,21 +112,33 @@ def test_fusing_a_parent_after_converting_a_submodule_finds_the_submodules_batch
     detector.backbone = ConvBN()
     detector.head = nn.Conv2d(4, 2, 1)
     x = torch.randn(2, 3, 8, 8)
-    dr.convert(detector.backbone, DenoiseConfig(init="random"), example_inputs=x)
+    dr.convert(detector.backbone, DenoiseConfig(init="random", keep_state_dict_keys=False), example_inputs=x)
     _, report = dr.fuse(detector, example_inputs=x, return_report=True)
     how = {layer.name: layer.bias for layer in report.layers}
     assert how == {"backbone.conv": "folded into backbone.bn", "backbone.proj": "added"}
     assert report.max_relative_error < 1e-5
 
 
-def test_keep_state_dict_keys_skips_layers_that_would_gain_a_bias():
+def test_by_default_layers_that_would_gain_a_bias_are_skipped_so_fused_weights_load_strictly():
     model = ConvBN()
     x = torch.randn(2, 3, 8, 8)
-    with pytest.warns(UserWarning, match="proj"):
-        dr.convert(model, DenoiseConfig(keep_state_dict_keys=True), example_inputs=x)
+    with pytest.warns(UserWarning, match="keep_state_dict_keys=True.*proj"):
+        _, state = dr.convert(model, DenoiseConfig(init="random"), example_inputs=x, return_report=True)
     assert set(timesteps(model)) == {"conv"}
-    keys = set(ConvBN().state_dict())
-    assert set(dr.fuse(model).state_dict()) == keys
+    assert "proj: bias-free with no BatchNorm" in state.summary()
+    _, report = dr.fuse(model, example_inputs=x, return_report=True)
+    assert report.skipped == ["proj"] and report.added_biases == []
+    assert "skipped" in report.summary() and "proj" in report.summary()
+    ConvBN().load_state_dict(model.state_dict(), strict=True)
+
+
+def test_keep_state_dict_keys_false_denoises_them_and_the_fuse_summary_names_the_new_biases():
+    model = ConvBN()
+    x = torch.randn(2, 3, 8, 8)
+    dr.convert(model, DenoiseConfig(init="random", keep_state_dict_keys=False), example_inputs=x)
+    _, report = dr.fuse(model, example_inputs=x, return_report=True)
+    assert report.added_biases == ["proj"] and report.skipped == []
+    assert "1 gained a bias (proj" in report.summary()
 
 
 def test_a_layer_that_never_runs_gets_no_denoiser():

@@ -49,7 +49,7 @@ def convert_single(layer: nn.Module, **config) -> tuple[nn.Module, nn.Module]:
     holder = nn.Sequential(copy.deepcopy(layer))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no example_inputs: registration order is fine for one layer
-        dr.convert(holder, DenoiseConfig(layer_types=(type(layer),), init="random", **config))
+        dr.convert(holder, DenoiseConfig(layer_types=(type(layer),), init="random", keep_state_dict_keys=False, **config))
     return original, holder
 
 

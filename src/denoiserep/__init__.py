@@ -2,15 +2,24 @@
 
     model = denoiserep.convert(model, DenoiseConfig(), example_inputs=batch)
     denoiserep.calibrate(model, (x for x, _ in loader))   # denoisers at their closed-form optimum
-    denoiserep.set_trainable(model)                       # only the denoisers train
+    denoiserep.set_trainable(model)                       # only the denoisers train (BatchNorm statistics frozen)
     loss = (1 - lam) * task_loss + lam * denoiserep.denoise_loss(model)
     model = denoiserep.fuse(model)                        # plain model, original architecture
 """
 
+from .adapter import (
+    disable_adapter,
+    load_adapter,
+    print_trainable_parameters,
+    save_adapter,
+    trainable_parameters,
+    unload,
+)
 from .calibrate import CalibrationError, CalibrationReport, NoiseLossReport, calibrate, noise_loss_report
 from .checkpoint import load_converted, load_fused, save_converted, save_fused
 from .config import DenoiseConfig
 from .convert import (
+    conversion_summary,
     convert,
     denoise_loss,
     denoiser_parameters,
@@ -35,18 +44,25 @@ __all__ = [
     "NoiseLossReport",
     "NoiseSchedule",
     "calibrate",
+    "conversion_summary",
     "convert",
     "denoise_loss",
     "denoiser_parameters",
+    "disable_adapter",
     "fuse",
     "is_converted",
     "layer_denoisers",
+    "load_adapter",
     "load_converted",
     "load_fused",
     "make_schedule",
     "noise_loss_only",
     "noise_loss_report",
+    "print_trainable_parameters",
+    "save_adapter",
     "save_converted",
     "save_fused",
     "set_trainable",
+    "trainable_parameters",
+    "unload",
 ]

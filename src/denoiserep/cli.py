@@ -15,99 +15,149 @@ from pathlib import Path
 from .tasks import TASKS, task_class
 from .train.config import TrainConfig
 
-# Flags of `train`/`demo` that map one-to-one onto TrainConfig fields.
+# Flags of `train` that map one-to-one onto TrainConfig fields; --help adds each field's default.
 _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
-    ("--task", "task", {"help": "a task registered in denoiserep.tasks.TASKS"}),
-    ("--data", "data", {"help": "digits | mnist1d | imagefolder:PATH | cifar10:PATH | cifar100:PATH | PATH"}),
-    ("--extra-data", "extra_data", {"nargs": "+", "help": "unlabeled image folders for the label-free loss"}),
-    ("--denoise-data", "denoise_data", {"help": "train the denoisers on this unlabeled image folder (label-free)"}),
-    ("--image-size", "image_size", {"type": int}),
-    ("--model", "model", {"help": "any timm model name (default: the embedded dataset's model)"}),
-    ("--model-kwargs", "model_kwargs", {"type": json.loads, "help": "JSON, e.g. '{\"img_size\": 32}'"}),
-    ("--init", "init", {"help": "start the baseline from this checkpoint (.safetensors/.pth)"}),
-    ("--convert-scope", "convert_scope", {"help": "what DenoiseRep converts: backbone (default), all, or "
-                                                  "(detection) backbone+neck"}),
-    ("--crop-size", "crop_size", {"type": int, "help": "segmentation: training crop / sliding window size"}),
-    ("--slide-stride", "slide_stride", {"type": int, "help": "segmentation: sliding-window evaluation stride"}),
-    ("--epochs", "epochs", {"type": int, "help": "baseline epochs (0 with --init: evaluate only)"}),
-    ("--extra-epochs", "extra_epochs", {"type": int, "help": "epochs of control / denoise / head"}),
-    ("--batch-size", "batch_size", {"type": int, "help": "global batch (split across processes)"}),
-    ("--eval-batch-size", "eval_batch_size", {"type": int}),
-    ("--opt", "opt", {"help": "timm optimizer name"}),
-    ("--lr", "lr", {"type": float}),
-    ("--extra-lr", "extra_lr", {"type": float}),
-    ("--weight-decay", "weight_decay", {"type": float}),
-    ("--sched", "sched", {"help": "timm scheduler name"}),
+    ("--task", "task", {"help": "the kind of problem (a task registered in denoiserep.tasks.TASKS)"}),
+    ("--data", "data", {"help": "the data set; per task: {data_sources}"}),
+    ("--extra-data", "extra_data", {"nargs": "+", "metavar": "DIR",
+                                    "help": "unlabeled image folders whose noise loss is added (label-free loss on "
+                                            "merged datasets)"}),
+    ("--denoise-data", "denoise_data", {"metavar": "DIR",
+                                        "help": "train the denoisers on this unlabeled image folder (label-free)"}),
+    ("--image-size", "image_size", {"type": int, "help": "resize images to this size (default: per data set)"}),
+    ("--model", "model", {"help": "a timm model name, or the task's models (see README; default: the embedded "
+                                  "data set's model)"}),
+    ("--model-kwargs", "model_kwargs", {"type": json.loads, "metavar": "JSON",
+                                        "help": "keyword arguments of the model, e.g. '{\"img_size\": 32}'; a pretrained "
+                                                "start the timm way: '{\"pretrained\": true, \"pretrained_cfg_overlay\": "
+                                                "{\"file\": \"/w/resnet50.safetensors\"}}' (a classifier of another class "
+                                                "count is re-initialised)"}),
+    ("--init", "init", {"metavar": "FILE", "help": "start the baseline from this checkpoint (.safetensors / .pth "
+                                                   "state_dict); with --epochs 0 it is the baseline"}),
+    ("--convert-scope", "convert_scope", {"help": "what DenoiseRep converts: backbone, all, or (detection) "
+                                                  "backbone+neck"}),
+    ("--crop-size", "crop_size", {"type": int, "help": "segmentation: training crop / sliding window size "
+                                                       "(default: per data set)"}),
+    ("--slide-stride", "slide_stride", {"type": int, "help": "segmentation: sliding-window evaluation stride "
+                                                             "(default: whole images)"}),
+    ("--epochs", "epochs", {"type": int, "help": "baseline training epochs (0 needs --init or a pretrained model: "
+                                                 "the baseline is then evaluated, not trained)"}),
+    ("--extra-epochs", "extra_epochs", {"type": int, "help": "epochs of each control / denoise / head stage"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "global training batch (split across processes)"}),
+    ("--eval-batch-size", "eval_batch_size", {"type": int, "help": "evaluation batch"}),
+    ("--opt", "opt", {"help": "optimizer (a timm optimizer name: adamw, sgd, momentum, …)"}),
+    ("--lr", "lr", {"type": float, "help": "baseline learning rate"}),
+    ("--extra-lr", "extra_lr", {"type": float, "help": "learning rate of the control / denoise / head stages"}),
+    ("--weight-decay", "weight_decay", {"type": float, "help": "weight decay of the baseline and control "
+                                                               "(denoisers train without)"}),
+    ("--sched", "sched", {"help": "learning-rate schedule (a timm scheduler name: cosine, poly, step, …)"}),
     ("--sched-decay-rate", "sched_decay_rate", {"type": float, "help": "the power of poly, the factor of step"}),
-    ("--warmup-epochs", "warmup_epochs", {"type": int}),
-    ("--label-smoothing", "label_smoothing", {"type": float}),
-    ("--mixup", "mixup", {"type": float}),
-    ("--cutmix", "cutmix", {"type": float}),
-    ("--grad-clip", "grad_clip", {"type": float}),
-    ("--amp", "amp", {"choices": ["none", "bf16"]}),
-    ("--ema", "ema_decay", {"type": float, "help": "EMA decay, e.g. 0.999"}),
-    ("--lambda", "lam", {"type": float, "help": "Loss = (1 − λ)·task + λ·denoise"}),
-    ("--alternate-every", "alternate_every", {"type": int, "help": "authors' option: swap denoisers/backbone every K epochs"}),
+    ("--warmup-epochs", "warmup_epochs", {"type": int, "help": "baseline warm-up epochs"}),
+    ("--label-smoothing", "label_smoothing", {"type": float, "help": "label smoothing of the cross-entropy"}),
+    ("--mixup", "mixup", {"type": float, "help": "mixup alpha (0: off)"}),
+    ("--cutmix", "cutmix", {"type": float, "help": "cutmix alpha (0: off)"}),
+    ("--grad-clip", "grad_clip", {"type": float, "help": "clip the gradient norm to this value (default: no clipping)"}),
+    ("--amp", "amp", {"choices": ["none", "bf16"], "help": "mixed precision"}),
+    ("--ema", "ema_decay", {"type": float, "help": "EMA of the weights with this decay, e.g. 0.999 (default: none)"}),
+    ("--lambda", "lam", {"type": float, "help": "Loss = (1 − λ)·task + λ·noise loss of the denoise stage"}),
+    ("--alternate-every", "alternate_every", {"type": int, "metavar": "K",
+                                              "help": "the authors' option: swap denoisers / backbone training every "
+                                                      "K epochs (default: denoisers only)"}),
     ("--denoise-init", "denoise_init", {"choices": ["calibrate", "identity"],
-                                         "help": "start the denoisers at their closed-form optimum (default) or at identity"}),
-    ("--calibrate-batches", "calibrate_batches", {"type": int, "help": "training batches the calibration sees"}),
+                                         "help": "start the denoisers at their closed-form optimum or at identity "
+                                                 "(the paper's start)"}),
+    ("--calibrate-batches", "calibrate_batches", {"type": int, "help": "training batches the calibration sees "
+                                                                       "(at most)"}),
     ("--calibrate-passes", "calibrate_passes", {"type": int, "help": "calibration passes: each later one refits "
                                                 "every layer to the inputs the calibrated layers before it produce"}),
     ("--head-steps", "head_steps", {"type": int, "help": "DenoiseRep⁻ reverse steps"}),
-    ("--device", "device", {"choices": ["auto", "cpu", "cuda"]}),
+    ("--device", "device", {"choices": ["auto", "cpu", "cuda"], "help": "auto: CUDA when available"}),
     ("--threads", "threads", {"type": int, "help": "torch CPU threads (default: 1 below 5M parameters, else torch's)"}),
     ("--skip-bad-images", "skip_bad_images", {"action": "store_true",
-                                              "help": "replace unreadable training images (counted, logged) instead of stopping"}),
-    ("--workers", "workers", {"type": int}),
-    ("--output", "output", {}),
-    ("--name", "name", {}),
+                                              "help": "replace unreadable training images (counted, logged) instead "
+                                                      "of stopping"}),
+    ("--reset-classifier", "reset_classifier", {"action": "store_true",
+                                                "help": "with --init: a checkpoint whose classifier has another "
+                                                        "number of classes loads without it, and a new classifier "
+                                                        "is trained (needs --epochs > 0)"}),
+    ("--workers", "workers", {"type": int, "help": "data loader worker processes"}),
+    ("--output", "output", {"metavar": "DIR", "help": "folder of all runs"}),
+    ("--name", "name", {"help": "this run's folder under --output"}),
 ]
 # DenoiseConfig fields settable from the command line (stored under TrainConfig.denoise).
 _DENOISE_FLAGS: list[tuple[str, str, dict]] = [
-    ("--schedule", "schedule", {"choices": ["linear", "ddpm", "cosine"]}),
-    ("--timestep-range", "timestep_range", {"type": int, "nargs": 2, "metavar": ("LO", "HI")}),
-    ("--denoiser", "denoiser", {"choices": ["full", "low_rank"]}),
-    ("--rank", "rank", {"type": int}),
-    ("--loss", "loss", {"choices": ["l1", "l2", "l1+l2"]}),
-    ("--loss-token-fraction", "loss_token_fraction", {"type": float}),
-    ("--loss-estimator", "loss_estimator", {"choices": ["expected", "sampled"]}),
-    ("--training-path", "training_path", {"choices": ["auto", "weight", "input"]}),
-    ("--target-modules", "target_modules", {"nargs": "+"}),
-    ("--exclude-modules", "exclude_modules", {"nargs": "+"}),
+    ("--schedule", "schedule", {"choices": ["linear", "ddpm", "cosine"],
+                                "help": "noise schedule: linear (the authors' β 1e-4 → 2e-3), ddpm (→ 0.02), cosine"}),
+    ("--timestep-range", "timestep_range", {"type": int, "nargs": 2, "metavar": ("LO", "HI"),
+                                            "help": "spread the layers' timesteps over [LO, HI] (default: "
+                                                    "t_i = N − i + 1)"}),
+    ("--denoiser", "denoiser", {"choices": ["full", "low_rank"], "help": "d × d denoisers, or diagonal + rank r"}),
+    ("--rank", "rank", {"type": int, "help": "rank r of the low_rank denoiser"}),
+    ("--loss", "loss", {"choices": ["l1", "l2", "l1+l2"], "help": "noise-prediction loss"}),
+    ("--loss-token-fraction", "loss_token_fraction", {"type": float,
+                                                      "help": "estimate the noise loss on this random fraction of "
+                                                              "positions"}),
+    ("--loss-estimator", "loss_estimator", {"choices": ["expected", "sampled"],
+                                            "help": "one ε per position (the paper), or the exact expectation over ε"}),
+    ("--training-path", "training_path", {"choices": ["auto", "weight", "input"],
+                                          "help": "how a training step reaches the denoiser (auto: the cheaper)"}),
+    ("--target-modules", "target_modules", {"nargs": "+", "metavar": "NAME",
+                                            "help": "convert only layers whose names match (PEFT-style suffixes or "
+                                                    "globs; default: every Linear / Conv)"}),
+    ("--exclude-modules", "exclude_modules", {"nargs": "+", "metavar": "NAME",
+                                              "help": "leave out layers whose names match"}),
+    ("--keep-state-dict-keys", "keep_state_dict_keys", {"action": argparse.BooleanOptionalAction,
+                                                        "help": "skip bias-free layers that no BatchNorm can absorb "
+                                                                "(e.g. Swin's downsample.reduction), so that the fused "
+                                                                "weights load into the original architecture; --no-… "
+                                                                "denoises them too and each gains a bias"}),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denoiserep", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = parser.add_subparsers(dest="command", required=True)
+    formatter = _DefaultsFormatter
 
-    train = sub.add_parser("train", help="run pipeline stages (torchrun-compatible)")
+    train = sub.add_parser("train", help="run pipeline stages (torchrun-compatible)", formatter_class=formatter,
+                           description="Run pipeline stages on your data; every flag overrides the same field of "
+                                       "--config. Any run prints the table of every stage the run folder holds and "
+                                       "rewrites its report.md.")
     train.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
     train.add_argument("--stage", nargs="+", default=["all"],
                        help="baseline | control | denoise | head | all (default: all)")
     _add_config_flags(train)
-    train.add_argument("--label-free", action="store_true", default=None, help="λ = 1: no labels at all")
-    train.add_argument("--seeds", type=int, nargs="+", help="repeat the run per seed: mean ± std and paired Δ")
+    train.add_argument("--label-free", action="store_true", default=None,
+                       help="λ = 1: the denoise stage uses no labels at all")
+    train.add_argument("--seeds", type=int, nargs="+", help="repeat the run per seed: mean ± std and paired Δ "
+                                                            "(default: the config's seed)")
     train.add_argument("--resume", action="store_true", help="continue unfinished stages, reuse finished ones")
 
-    demo = sub.add_parser("demo", help="the whole pipeline on embedded data, no download (≤ 5 min on 2 cores)")
-    demo.add_argument("--task", choices=list(TASKS), default="classification")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0])
-    demo.add_argument("--epochs", type=int)
-    demo.add_argument("--extra-epochs", type=int)
-    demo.add_argument("--output", default="runs")
-    demo.add_argument("--name")
+    demo = sub.add_parser("demo", help="the whole pipeline on embedded data, no download (≤ 5 min on 2 cores)",
+                          formatter_class=formatter,
+                          description="Every stage (baseline, control, DenoiseRep⁻, DenoiseRep calibrated / "
+                                      "label-free / label-aug) on data that ships with the package, then the table "
+                                      "and runs/<name>/report.md. A finished or interrupted demo is continued.")
+    demo.add_argument("--task", choices=list(TASKS), default="classification",
+                      help="which task's demo (its embedded data and model)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0],
+                      help="one run per seed; several give mean ± std and paired Δ with 95%% intervals")
+    demo.add_argument("--epochs", type=int, help="baseline epochs (default: the task's demo setting)")
+    demo.add_argument("--extra-epochs", type=int, help="epochs of each later stage (default: the task's demo setting)")
+    demo.add_argument("--output", default="runs", help="folder of all runs")
+    demo.add_argument("--name", help="this demo's folder under --output (default: the task's demo name)")
     demo.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for a model this small)")
     demo.add_argument("--fresh", action="store_true",
                       help="delete the demo's earlier run and start over (by default finished stages are reused "
                            "and an interrupted one continues)")
 
-    fuse_cmd = sub.add_parser("fuse", help="fuse a denoise stage's checkpoint into plain safetensors weights")
+    fuse_cmd = sub.add_parser("fuse", help="fuse a denoise stage's checkpoint into plain safetensors weights",
+                              formatter_class=formatter)
     fuse_cmd.add_argument("stage_dir", type=Path, help="e.g. runs/NAME/denoiserep-label-aug")
     fuse_cmd.add_argument("--output", type=Path, help="default: STAGE_DIR/model.safetensors")
 
-    evaluate = sub.add_parser("evaluate", help="evaluate weights on a run's validation data")
+    evaluate = sub.add_parser("evaluate", help="evaluate weights on a run's validation data", formatter_class=formatter)
     evaluate.add_argument("--config", type=Path, required=True, help="the run's config.yaml")
     evaluate.add_argument("--weights", type=Path, required=True, help="a .safetensors file from a run")
 
@@ -117,10 +167,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The TrainConfig / DenoiseConfig flags; their default is None (so that --config values stay), and
+    the help shows the field's own default instead."""
+    from dataclasses import asdict
+
+    from .config import DenoiseConfig
+
+    defaults = {**asdict(TrainConfig()), **{f"denoise.{k}": v for k, v in asdict(DenoiseConfig()).items()}}
     for flag, dest, kwargs in _CONFIG_FLAGS + _DENOISE_FLAGS:
+        kwargs = dict(kwargs)
         if dest == "task":
-            kwargs = {**kwargs, "choices": list(TASKS)}  # the registry as it is when the parser is built
+            kwargs["choices"] = list(TASKS)  # the registry as it is when the parser is built
+        if dest == "data":
+            kwargs["help"] = kwargs["help"].format(data_sources="; ".join(
+                f"{name}: {task_class(name).data_sources}" for name in TASKS))
+        default = defaults.get(dest) if any(dest == d for _, d, _ in _CONFIG_FLAGS) else defaults.get(f"denoise.{dest}")
+        shown = "" if default in (None, [], {}) or "default:" in kwargs["help"] or kwargs.get("action") == "store_true" \
+            else f" (default: {_shown(default)})"
+        kwargs["help"] = (kwargs["help"] + shown).replace("%", "%%")
         parser.add_argument(flag, dest=dest, default=None, **kwargs)
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """argparse's help, plus "(default: …)" for every option whose default is a value (not None / off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and "default:" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple) and value and isinstance(value[0], type):
+        return ", ".join(t.__name__ for t in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -252,10 +335,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     output = args.output or args.stage_dir / "model.safetensors"
     save_fused(model, output, metadata={"source": str(checkpoint), "stage": "denoise"},
                added_biases=report.added_biases)
-    print(f"fused {len(report.layers)} layers (epoch {payload['epoch']}) -> {output}; fused == unfused on "
-          f"{len(batch)} validation inputs (max relative error {report.max_relative_error:.1e})")
-    if report.added_biases:
-        print(f"layers that gained a bias: {', '.join(report.added_biases)}")
+    print(f"epoch {payload['epoch'] + 1} of {checkpoint} -> {output}; fused == unfused on {len(batch)} validation "
+          f"inputs (max relative error {report.max_relative_error:.1e})")
+    print(report.summary())
     return 0
 
 

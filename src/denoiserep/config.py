@@ -31,12 +31,16 @@ class DenoiseConfig:
         ``target_modules`` / ``exclude_modules``: as in PEFT. A string is a regular expression
         that must match the full module name; a list matches a name equal to an entry, ending
         with ``"." + entry``, or matching it as a glob (``"blocks.*.mlp.fc1"``).
-        ``exclude_classifier``: leave the classification head (timm's ``get_classifier()``) alone,
-        since DenoiseRep denoises the backbone's embedding layers.
+        ``exclude_classifier``: leave the task head alone (timm's ``get_classifier()``, torchvision's
+        ``fc`` / ``classifier`` / ``heads``, a Hugging Face task model's modules outside its base
+        model such as ``classifier`` or SegFormer's ``decode_head``, detectors' heads: see
+        `denoiserep.task_heads`), since DenoiseRep denoises the backbone's embedding layers.
         ``keep_state_dict_keys``: skip bias-free layers whose constant term has no BatchNorm
         to fold into (e.g. Swin's patch-merging ``reduction``), so that the fused state_dict
-        has exactly the original keys and loads with ``strict=True``. Off by default: those
-        layers then gain a bias at fusion time, and `fuse` reports it.
+        has exactly the original keys and loads with ``strict=True`` into the original
+        architecture. On by default (loadable first; `convert` warns and its summary lists the
+        layers skipped); ``False`` denoises them too, and each gains a bias at fusion time
+        (`fuse` reports it).
 
     Noise schedule
         ``schedule``: ``"linear"`` (β 1e-4→2e-3, the authors' code), ``"ddpm"`` (1e-4→0.02), ``"cosine"``.
@@ -76,7 +80,7 @@ class DenoiseConfig:
     target_modules: str | Sequence[str] | None = None
     exclude_modules: str | Sequence[str] | None = None
     exclude_classifier: bool = True
-    keep_state_dict_keys: bool = False
+    keep_state_dict_keys: bool = True
     schedule: str = "linear"
     num_timesteps: int = 1000
     beta_start: float | None = None

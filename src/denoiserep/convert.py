@@ -12,16 +12,18 @@ import logging
 import re
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.utils._pytree import tree_flatten, tree_map
 
+from . import hf
 from .config import DenoiseConfig
 from .layers import LayerDenoiser, attach, denoiser_of
+from .task_heads import task_heads
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ _SAFE_FORWARD_SUBCLASSES = ("timm.layers.linear.Linear", "timm.layers.conv2d_sam
 _BASE_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
 STATE_ATTR = "_denoiserep_state"
+# Why `keep_state_dict_keys` leaves a layer out (`fuse`'s report lists these layers as skipped).
+WOULD_GAIN_A_BIAS = "bias-free with no BatchNorm that can absorb its constant: it would gain a bias (keep_state_dict_keys=True)"
 
 
 @dataclass
@@ -44,14 +48,24 @@ class LayerPlan:
 
 
 @dataclass
+class LeftOut:
+    """A layer of the configured types that got no denoiser, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass
 class ConversionState:
     """Stored on the converted root module (not in its state_dict)."""
 
     config: DenoiseConfig
     plan: list[LayerPlan]
+    left_out: list[LeftOut] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"config": self.config.to_dict(), "plan": [asdict(p) for p in self.plan]}
+        return {"config": self.config.to_dict(), "plan": [asdict(p) for p in self.plan],
+                "left_out": [asdict(entry) for entry in self.left_out]}
 
     @classmethod
     def from_dict(cls, values: dict) -> "ConversionState":
@@ -63,18 +77,34 @@ class ConversionState:
                                            and isinstance(p.following_norm, (str, type(None))))]
             if bad:
                 raise ValueError(f"layer entry {asdict(bad[0])} has fields of the wrong type")
-            return cls(DenoiseConfig.from_dict(values["config"]), plan)
+            left_out = [LeftOut(**entry) for entry in values.get("left_out", [])]
+            return cls(DenoiseConfig.from_dict(values["config"]), plan, left_out)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a conversion plan that denoiserep wrote ({type(error).__name__}: {error})") from None
 
+    def summary(self, max_names: int = 12) -> str:
+        """What was converted (execution order, with timesteps) and what was left out, and why."""
+        names = [f"{p.name} (t={p.timestep})" for p in self.plan]
+        shown = ", ".join(names[:max_names]) + (f" and {len(names) - max_names} more" if len(names) > max_names else "")
+        lines = [f"DenoiseRep converted {len(self.plan)} layers: {shown}"]
+        if self.left_out:
+            lines.append(f"left out {len(self.left_out)}:")
+            lines += [f"  {entry.name}: {entry.reason}" for entry in self.left_out]
+        else:
+            lines.append("left out: none")
+        return "\n".join(lines)
 
-def convert(model: nn.Module, config: DenoiseConfig | None = None, example_inputs: Any = None) -> nn.Module:
+
+def convert(model: nn.Module, config: DenoiseConfig | None = None, example_inputs: Any = None, *,
+            return_report: bool = False) -> nn.Module | tuple[nn.Module, ConversionState]:
     """Wrap the selected embedding layers of ``model`` in place with DenoiseRep denoisers.
 
     ``example_inputs`` (a tensor, a tuple of positional arguments, or a dict of keyword
     arguments) is run once, in eval mode and without gradients, to order the layers by
     execution, to find layers that never run, and to find BatchNorms fed directly by
-    bias-free layers. Returns ``model``.
+    bias-free layers. Returns ``model``; with ``return_report``, also the conversion's record
+    (`ConversionState`: its ``summary()`` says what was converted and what was left out, and why;
+    `conversion_summary(model)` gives the same text later).
     """
     config = config or DenoiseConfig()
     model = unwrap(model)
@@ -83,10 +113,17 @@ def convert(model: nn.Module, config: DenoiseConfig | None = None, example_input
             "this model already has DenoiseRep denoisers; converting twice would stack them. "
             "Keep training the converted model, or call denoiserep.fuse(model) first."
         )
-    candidates = select_layers(model, config)
-    plan = plan_layers(model, candidates, config, example_inputs)
-    apply_plan(model, ConversionState(config, plan))
-    return model
+    candidates, left_out = select_layers(model, config)
+    plan, unplanned = plan_layers(model, candidates, config, example_inputs)
+    state = ConversionState(config, plan, left_out + unplanned)
+    apply_plan(model, state)
+    logger.info("%s", state.summary())
+    return (model, state) if return_report else model
+
+
+def conversion_summary(model: nn.Module) -> str:
+    """The converted layers (with their timesteps) and the layers left out, with the reason for each."""
+    return conversion_state(model).summary()
 
 
 def apply_plan(model: nn.Module, state: ConversionState) -> nn.Module:
@@ -119,6 +156,7 @@ def apply_plan(model: nn.Module, state: ConversionState) -> nn.Module:
         denoiser.following_norm = layer_plan.following_norm
         attach(layer, denoiser)
     setattr(model, STATE_ATTR, state)
+    hf.install(model)  # save_pretrained that reloads right (see denoiserep.hf)
     logger.info("DenoiseRep: attached %d denoisers", len(state.plan))
     return model
 
@@ -126,28 +164,38 @@ def apply_plan(model: nn.Module, state: ConversionState) -> nn.Module:
 # -- layer selection ----------------------------------------------------------------------
 
 
-def select_layers(model: nn.Module, config: DenoiseConfig) -> dict[str, nn.Module]:
-    """Layers of the configured types whose names pass the include/exclude patterns."""
-    excluded_ids = _excluded_module_ids(model, config)
+def select_layers(model: nn.Module, config: DenoiseConfig) -> tuple[dict[str, nn.Module], list[LeftOut]]:
+    """Layers of the configured types whose names pass the include/exclude patterns, and the
+    layers of those types left out (with the reason)."""
+    heads = _excluded_modules(model, config)
     typed = [(n, m) for n, m in model.named_modules() if isinstance(m, tuple(config.layer_types)) and n]
     owners = _parameter_owners(model)
     bypassed = _functionally_called_layers(model)
     selected: dict[str, nn.Module] = {}
+    left_out: list[LeftOut] = []
     unsafe: list[str] = []
     skipped: list[str] = []
     for name, module in typed:
-        if id(module) in excluded_ids or not _name_selected(name, config):
+        if id(module) in heads:
+            left_out.append(LeftOut(name, heads[id(module)]))
+            continue
+        if not _name_selected(name, config):
+            left_out.append(LeftOut(name, "not selected by target_modules / exclude_modules"))
             continue
         if not _fusable_forward(module):
             unsafe.append(f"{name} ({type(module).__name__})")
+            left_out.append(LeftOut(name, f"{type(module).__name__} transforms its weight in forward(): not exactly "
+                                          "fusable"))
             continue
         if name in bypassed:
             skipped.append(f"{name} ({bypassed[name]} uses its weight directly, bypassing its forward)")
+            left_out.append(LeftOut(name, f"{bypassed[name]} uses its weight directly, bypassing its forward"))
             continue
         shared = sorted({owner for p in module.parameters(recurse=False) for owner in owners[id(p)]} - {name})
         if shared:
             # Fusing would write W′ into the one shared tensor and change the other layers too.
             skipped.append(f"{name} (shares parameters with {', '.join(shared)})")
+            left_out.append(LeftOut(name, f"shares parameters with {', '.join(shared)}"))
             continue
         selected[name] = module
     if unsafe:
@@ -158,7 +206,7 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> dict[str, nn.Modul
         )
     if skipped:
         warnings.warn(f"these layers get no denoiser: {'; '.join(skipped)}", stacklevel=3)
-    _warn_unsupported(model, config, excluded_ids)
+    left_out += _unsupported(model, config, heads)
     if not selected:
         available = ", ".join(f"{n} ({type(m).__name__})" for n, m in typed[:20]) or "none"
         more = f" and {len(typed) - 20} more" if len(typed) > 20 else ""
@@ -166,10 +214,10 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> dict[str, nn.Modul
             f"no layer matched: layer_types={[t.__name__ for t in config.layer_types]}, "
             f"target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}. "
             f"Layers of those types in this model: {available}{more}"
-            f"{' (the classifier is left out by exclude_classifier=True)' if config.exclude_classifier else ''}. "
+            f"{' (the task head is left out by exclude_classifier=True)' if config.exclude_classifier else ''}. "
             "Fix target_modules/exclude_modules (names as in model.named_modules()) or layer_types."
         )
-    return selected
+    return selected, left_out
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
@@ -191,34 +239,39 @@ def _functionally_called_layers(model: nn.Module) -> dict[str, str]:
 
 # Affine layers with weights that DenoiseRep cannot carry a denoiser on (named, not skipped silently).
 _UNSUPPORTED_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NOT_SUPPORTED = ": not supported"
 
 
-def _warn_unsupported(model: nn.Module, config: DenoiseConfig, excluded_ids: set[int]) -> None:
+def _unsupported(model: nn.Module, config: DenoiseConfig, heads: dict[int, str]) -> list[LeftOut]:
     found = []
     for name, module in model.named_modules():
-        if id(module) in excluded_ids or not name or not _name_selected(name, config):
+        if id(module) in heads or not name or not _name_selected(name, config):
             continue
         if isinstance(module, _UNSUPPORTED_LAYERS):
-            found.append(f"{name} ({type(module).__name__})")
+            found.append(LeftOut(name, f"{type(module).__name__}{_NOT_SUPPORTED}"))
         elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
-            found.append(f"{name}.in_proj_weight (MultiheadAttention's packed input projection, not a layer)")
+            found.append(LeftOut(f"{name}.in_proj_weight", "MultiheadAttention's packed input projection, not a layer"))
     if found:
+        named = ", ".join(f"{e.name} ({e.reason.removesuffix(_NOT_SUPPORTED)})" for e in found)
         warnings.warn(
-            "DenoiseRep cannot convert these and leaves them as they are (only Linear and Conv1d/2d/3d "
-            f"fuse exactly): {', '.join(found)}",
+            f"DenoiseRep cannot convert these and leaves them as they are (only Linear and Conv1d/2d/3d fuse exactly): "
+            f"{named}",
             stacklevel=4,
         )
+    return found
 
 
-def _excluded_module_ids(model: nn.Module, config: DenoiseConfig) -> set[int]:
+def _excluded_modules(model: nn.Module, config: DenoiseConfig) -> dict[int, str]:
+    """id(module) -> why it gets no denoiser, for every module inside a DenoiseRep⁻ head or (with
+    ``exclude_classifier``) inside the model's task head (`denoiserep.task_heads`)."""
     from .head import DenoiseHead
 
-    roots = [m for m in model.modules() if isinstance(m, DenoiseHead)]
-    if config.exclude_classifier and callable(getattr(model, "get_classifier", None)):
-        classifier = model.get_classifier()
-        if isinstance(classifier, nn.Module):
-            roots.append(classifier)
-    return {id(m) for root in roots for m in root.modules()}
+    roots = {f"{name or '(root)'}": (m, "inside a DenoiseRep⁻ head") for name, m in model.named_modules()
+             if isinstance(m, DenoiseHead)}
+    if config.exclude_classifier:
+        for name, head in task_heads(model).items():
+            roots.setdefault(name, (head, f"the task head `{name}` (exclude_classifier=True)"))
+    return {id(m): reason for root, reason in roots.values() for m in root.modules()}
 
 
 def _name_selected(name: str, config: DenoiseConfig) -> bool:
@@ -246,8 +299,9 @@ def _fusable_forward(module: nn.Module) -> bool:
 
 def plan_layers(
     model: nn.Module, candidates: dict[str, nn.Module], config: DenoiseConfig, example_inputs: Any
-) -> list[LayerPlan]:
-    """Order candidates by execution and assign timesteps (noisiest first)."""
+) -> tuple[list[LayerPlan], list[LeftOut]]:
+    """Order candidates by execution and assign timesteps (noisiest first); the candidates that
+    get no denoiser after all (never ran, or would gain a bias under ``keep_state_dict_keys``)."""
     if example_inputs is None:
         warnings.warn(
             "convert() got no example_inputs, so layers are ordered by registration order, which can "
@@ -259,19 +313,24 @@ def plan_layers(
         order, following = list(candidates), {}
     else:
         order, following = _trace(model, candidates, example_inputs)
+    left_out = [LeftOut(n, "never ran on example_inputs") for n in candidates if n not in order]
     if config.keep_state_dict_keys:
         unfoldable = [n for n in order if candidates[n].bias is None and n not in following]
         if unfoldable:
             warnings.warn(
-                "keep_state_dict_keys=True: these bias-free layers have no BatchNorm to fold their "
-                f"constant into and get no denoiser: {', '.join(unfoldable)}",
+                "keep_state_dict_keys=True (the default): these bias-free layers have no BatchNorm that can absorb "
+                f"their constant and get no denoiser, so that the fused weights load into the original architecture: "
+                f"{', '.join(unfoldable)}. keep_state_dict_keys=False (--no-keep-state-dict-keys) denoises them too; "
+                "each then gains a bias parameter at fuse time.",
                 stacklevel=3,
             )
+        left_out += [LeftOut(n, WOULD_GAIN_A_BIAS) for n in unfoldable]
         order = [n for n in order if n not in unfoldable]
         if not order:
-            raise ValueError("keep_state_dict_keys=True left no layer to denoise; pass example_inputs or turn it off")
+            raise ValueError("keep_state_dict_keys=True left no layer to denoise (every selected layer is bias-free "
+                             "with no BatchNorm after it); pass example_inputs, or keep_state_dict_keys=False")
     timesteps = config.timesteps_for(len(order))
-    return [LayerPlan(name, t, following.get(name)) for name, t in zip(order, timesteps)]
+    return [LayerPlan(name, t, following.get(name)) for name, t in zip(order, timesteps)], left_out
 
 
 def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: Any) -> tuple[list[str], dict[str, str]]:
@@ -437,9 +496,15 @@ def _nodes_between(top: Any, bottom: Any) -> set:
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
-    """BatchNorm with running statistics, including the frozen kind torchvision's detectors and
-    timm use (``FrozenBatchNorm2d``: not a ``_BatchNorm``, same eval-mode formula)."""
-    return isinstance(module, _BatchNorm) or type(module).__name__.startswith("FrozenBatchNorm")
+    """BatchNorm with running statistics, including the frozen kinds that are not a ``_BatchNorm``
+    but hold the same four per-channel tensors and compute the eval-mode formula with them:
+    torchvision's and timm's ``FrozenBatchNorm2d``, Hugging Face's ``DetrFrozenBatchNorm2d`` and its
+    relatives (Conditional / Deformable DETR, RT-DETR, Table Transformer, …)."""
+    if isinstance(module, _BatchNorm):
+        return True
+    tensors = [getattr(module, key, None) for key in ("weight", "bias", "running_mean", "running_var")]
+    return (all(isinstance(t, torch.Tensor) and t.ndim == 1 for t in tensors)
+            and len({t.numel() for t in tensors}) == 1)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -544,21 +609,52 @@ def denoiser_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     yield from (p for _, p in _named_parameters_by_role(model)[0])
 
 
-def set_trainable(model: nn.Module, denoisers: bool = True, backbone: bool = False) -> dict[str, int]:
+def set_trainable(model: nn.Module, denoisers: bool = True, backbone: bool = False,
+                  norm_statistics: bool | None = None) -> dict[str, int]:
     """Set ``requires_grad``: the paper trains only the denoisers (the default); the authors'
     alternating option trains the backbone through the fused weights in other phases.
 
-    Returns the number of trainable parameters per role.
+    A frozen backbone includes its normalisation statistics: with ``norm_statistics`` False (the
+    default when ``backbone`` is False) every BatchNorm (and InstanceNorm) that tracks running
+    statistics keeps them while the model trains — it runs in eval mode even after ``model.train()``,
+    so training sees exactly the statistics inference will use — as long as its own parameters stay
+    frozen. ``norm_statistics=True`` lets them update in train mode as usual (the default when
+    ``backbone`` is True). Returns the number of trainable parameters per role.
     """
     denoiser_params, backbone_params = _named_parameters_by_role(model)
     for _, p in denoiser_params:
         p.requires_grad_(denoisers)
     for _, p in backbone_params:
         p.requires_grad_(backbone)
+    hold = not (backbone if norm_statistics is None else norm_statistics)
+    for module in unwrap(model).modules():
+        if isinstance(module, _NormBase) and module.track_running_stats:
+            _hold_statistics(module, hold)
     return {
         "denoisers": sum(p.numel() for _, p in denoiser_params) if denoisers else 0,
         "backbone": sum(p.numel() for _, p in backbone_params) if backbone else 0,
     }
+
+
+def _hold_statistics(norm: nn.Module, hold: bool) -> None:
+    for key in [k for k, hook in norm._forward_pre_hooks.items() if hook is _keep_running_statistics]:
+        del norm._forward_pre_hooks[key]
+    if hold:
+        norm.register_forward_pre_hook(_keep_running_statistics)
+
+
+def _keep_running_statistics(norm: nn.Module, args: tuple) -> None:
+    """Run a frozen norm in eval mode, whatever ``model.train()`` set (a hook on the norm itself: it
+    holds however the model is called, through DDP or from a submodule's own method)."""
+    if norm.training and not any(p.requires_grad for p in norm.parameters(recurse=False)):
+        norm.training = False
+
+
+def norm_statistics_held(model: nn.Module) -> list[str]:
+    """The norms whose running statistics `set_trainable` froze (and that still have frozen parameters)."""
+    return [name for name, module in unwrap(model).named_modules()
+            if _keep_running_statistics in module._forward_pre_hooks.values()
+            and not any(p.requires_grad for p in module.parameters(recurse=False))]
 
 
 def _named_parameters_by_role(model: nn.Module):

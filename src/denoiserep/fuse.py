@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
-from .convert import STATE_ATTR, call_model, layer_denoisers, unwrap
+from .convert import STATE_ATTR, WOULD_GAIN_A_BIAS, call_model, layer_denoisers, unwrap
 from .finite import max_abs_difference, non_finite, within, worst
 from .layers import detach
 
@@ -33,10 +33,28 @@ class FusedLayer:
 class FuseReport:
     layers: list[FusedLayer] = field(default_factory=list)
     max_relative_error: float | None = None  # measured on example_inputs, when given
+    # Layers `convert` gave no denoiser because they would have gained a bias (keep_state_dict_keys).
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def added_biases(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.bias == "added"]
+
+    def summary(self) -> str:
+        """How many layers were fused and where their constants went; which gained a bias and which
+        were skipped so that none would (``keep_state_dict_keys``)."""
+        merged = sum(layer.bias == "merged" for layer in self.layers)
+        folded = sum(layer.bias.startswith("folded") for layer in self.layers)
+        lines = [f"fused {len(self.layers)} layers: {merged} into their own bias, {folded} folded into the BatchNorm "
+                 f"after them, {len(self.added_biases)} gained a bias"
+                 + (f" ({', '.join(self.added_biases)}: the fused state_dict has these '.bias' keys the original lacks)"
+                    if self.added_biases else "")]
+        if self.skipped:
+            lines.append(f"skipped (no denoiser, so that no layer gains a bias; keep_state_dict_keys=True): "
+                         f"{', '.join(self.skipped)}")
+        if self.max_relative_error is not None:
+            lines.append(f"fused == unfused on example_inputs: max relative error {self.max_relative_error:.1e}")
+        return "\n".join(lines)
 
 
 def fuse(
@@ -82,7 +100,7 @@ def fuse(
             "are finite, so the inputs or the network's own arithmetic overflow: check example_inputs and the model "
             "in float32."
         )
-    report = FuseReport()
+    report = FuseReport(skipped=_skipped_for_keys(model))
     overflowed = []
     with torch.no_grad():
         for name, layer, denoiser, norm_name, norm in layers:
@@ -170,6 +188,16 @@ def _lowest_precision(model: nn.Module) -> torch.dtype:
     """The least precise floating-point dtype among the model's parameters (float32 if none)."""
     dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point} or {torch.float32}
     return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps)
+
+
+def _skipped_for_keys(model: nn.Module) -> list[str]:
+    """The layers every `convert` under ``model`` left out so that none would gain a bias."""
+    skipped = []
+    for prefix, root in model.named_modules():
+        state = getattr(root, STATE_ATTR, None)
+        if state is not None:
+            skipped += [f"{prefix}.{e.name}" if prefix else e.name for e in state.left_out if e.reason == WOULD_GAIN_A_BIAS]
+    return skipped
 
 
 def _remove_weight_parametrization(layer: nn.Module) -> None:

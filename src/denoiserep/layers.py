@@ -86,6 +86,8 @@ class LayerDenoiser(nn.Module):
         # Set by `convert.noise_loss_only`: the forward then computes W′ and the bias shift
         # without recording them for autograd (label-free training needs no task gradient).
         self.noise_loss_only = False
+        # False inside `denoiserep.disable_adapter`: the layer computes its original W x + b.
+        self.enabled = True
 
         weight = layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -156,7 +158,7 @@ class LayerDenoiser(nn.Module):
         low-rank form never builds the dense d × d matrix: W′ = W diag(c3 − c1 a) − c1 (W U) V.
         `fuse` calls this same function, so fused weights are the ones the training forward used.
         """
-        if self._input_path_call:
+        if self._input_path_call or not self.enabled:
             return weight
         with torch.no_grad() if self.noise_loss_only else contextlib.nullcontext():
             return self._fused_weight(weight)
@@ -324,7 +326,8 @@ def denoise_pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
     """While the denoiser trains (train mode, grads on): queue the noise loss, and on the input
     path hand the layer its denoised input."""
     denoiser = denoiser_of(layer)
-    if not (denoiser.training and torch.is_grad_enabled() and any(p.requires_grad for p in denoiser.parameters())):
+    if not (denoiser.enabled and denoiser.training and torch.is_grad_enabled()
+            and any(p.requires_grad for p in denoiser.parameters())):
         return None
     x = args[0]
     if not denoiser.noise_loss_only and denoiser.prefers_input_path(x, layer.parametrizations.weight.original):
@@ -340,7 +343,7 @@ def bias_shift_hook(layer: nn.Module, args: tuple, output: torch.Tensor | None) 
     the layer's forward raised (``output`` is then None), to end an input-path call."""
     denoiser = denoiser_of(layer)
     denoiser._input_path_call = False
-    if output is None:
+    if output is None or not denoiser.enabled:
         return None
     with torch.no_grad() if denoiser.noise_loss_only else contextlib.nullcontext():
         shift = denoiser.bias_shift(layer.parametrizations.weight.original)

@@ -5,6 +5,8 @@ and the benchmarks."""
 from __future__ import annotations
 
 import difflib
+import pickle
+from pathlib import Path
 
 import timm
 import torch
@@ -65,16 +67,36 @@ def mnist1d_cnn(pretrained: bool = False, **kwargs) -> Mnist1dCNN:
     return Mnist1dCNN(**kwargs)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """``timm.create_model`` without downloads, with close-name suggestions for typos."""
+def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` without downloads, with close-name suggestions for typos.
+
+    ``pretrained=True`` is timm's way of starting from trained weights, here from a local file only:
+    ``pretrained_cfg_overlay={"file": PATH}`` (.safetensors, or a .pth state_dict, read without unpickling).
+    timm re-initialises the classifier when ``num_classes`` differs from the weights' (1000 for the
+    ImageNet configs; give ``pretrained_cfg_overlay={"file": …, "num_classes": K}`` for a K-class file)
+    and adapts the first convolution to ``in_chans``."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models('*pattern*')."
         raise ValueError(f"unknown model {name!r}: timm has no model of that name.{hint}")
+    if pretrained:
+        overlay = kwargs.get("pretrained_cfg_overlay")
+        file = overlay.get("file") if isinstance(overlay, dict) else None
+        if not file:
+            raise ValueError(f"pretrained {name!r} needs a local weights file (nothing is downloaded): pass "
+                             '\'{"pretrained": true, "pretrained_cfg_overlay": {"file": "/path/to/weights.safetensors"}}\'')
+        if not Path(file).expanduser().is_file():
+            raise FileNotFoundError(f"pretrained weights file {file} does not exist")
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "file": str(Path(file).expanduser())}
     try:
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as error:
         raise ValueError(f"model {name!r} does not accept these arguments {kwargs}: {error}") from error
+    except (RuntimeError, KeyError, pickle.UnpicklingError) as error:
+        if not pretrained:
+            raise
+        raise ValueError(f"pretrained weights {kwargs['pretrained_cfg_overlay']['file']} do not fit {name!r} "
+                         f"({type(error).__name__}: {str(error)[:300]}); pass the weights of this architecture") from None
 
 
 def default_model_for(data_name: str) -> tuple[str, dict]:

@@ -97,17 +97,7 @@ def plot_report(run_dir: Path, histories: dict[str, list[dict]], rows: list[Row]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, history in histories.items():
-        epochs = [h["epoch"] for h in history]
-        if epochs:
-            axes[0].plot(epochs, [h["loss"] for h in history], label=variant)
-            axes[1].plot(epochs, [h["denoise_loss"] for h in history], label=variant)
-    axes[0].set(title="training loss per stage", xlabel="epoch", ylabel="loss")
-    axes[1].set(title="noise-prediction loss", xlabel="epoch", ylabel="Loss_p")
-    axes[0].legend(fontsize=8)
-    paths.append(_save(fig, run_dir / "loss_curves.png"))
+    paths = [_save(loss_curves(histories), run_dir / "loss_curves.png")]
 
     names = [r.variant for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -128,6 +118,31 @@ def plot_report(run_dir: Path, histories: dict[str, list[dict]], rows: list[Row]
     if noise_losses:
         paths.append(plot_denoisers(run_dir / "denoisers.png", noise_losses))
     return paths
+
+
+def loss_curves(histories: dict[str, list[dict]]):
+    """Task loss (left) and noise-prediction loss (right) per stage and epoch, each on its own axis
+    (their scales differ by orders of magnitude); a stage shows in a panel only if it computed that
+    loss, and every epoch is a marker, so that a one-epoch stage is a visible point."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for number, (variant, history) in enumerate(histories.items()):
+        epochs = [h["epoch"] for h in history]
+        for ax, key in zip(axes, ("task_loss", "denoise_loss")):
+            values = [h[key] for h in history]
+            if any(values):  # 0 throughout: the stage did not compute this loss (label-free, or no denoisers)
+                ax.plot(epochs, values, marker="o", color=f"C{number}", label=variant)
+    axes[0].set(title="task loss per stage", xlabel="epoch", ylabel="task loss")
+    axes[1].set(title="noise-prediction loss per stage (the denoisers' own objective)", xlabel="epoch",
+                ylabel="Loss_p")
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no stage computed this loss", ha="center", va="center", transform=ax.transAxes)
+    return fig
 
 
 def plot_denoisers(path: Path, noise_losses: dict[str, dict]) -> Path:

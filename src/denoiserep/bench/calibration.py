@@ -119,8 +119,7 @@ def convergence(output: Path, epochs: int, quick: bool) -> tuple[list[Curve], fl
     def train(model, label: str, offset: float) -> Curve:
         dr.set_trainable(model)
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.extra_lr, weight_decay=0.0)
-        settings = EpochSettings(lam=1.0, device=device, stage=label, show_progress=False,
-                                 freeze_norm_statistics=True)
+        settings = EpochSettings(lam=1.0, device=device, stage=label, show_progress=False)
         curve = Curve(label, [offset], [l1(model)])
         for epoch in range(epochs):
             start = time.perf_counter()

@@ -41,6 +41,7 @@ class Task(Protocol):
     other_metrics: ClassVar[tuple[str, ...]]  # further keys of `evaluate`'s result shown as table columns
     demo_defaults: ClassVar[dict]  # TrainConfig fields of `denoiserep demo --task NAME` (embedded data)
     demo_note: ClassVar[str]  # printed before the demo runs ("" for none)
+    data_sources: ClassVar[str]  # what --data accepts, for --help
     cfg: TrainConfig
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -104,6 +105,7 @@ class TaskBase:
     """Defaults for the parts of `Task` most tasks share."""
 
     demo_note: ClassVar[str] = ""
+    data_sources: ClassVar[str] = ""
     other_metrics: ClassVar[tuple[str, ...]] = ()
     convert_scopes: ClassVar[tuple[str, ...]] = ("backbone",)  # the --convert-scope values the task offers
 

@@ -35,6 +35,9 @@ class TrainConfig:
     model: str | None = None  # any timm model; None = the embedded dataset's default
     model_kwargs: dict = field(default_factory=dict)
     init: str | None = None  # start the baseline from this checkpoint instead of training it
+    # With init: a checkpoint whose classifier has another number of classes loads without it, and the
+    # model's freshly initialised classifier is trained (a pretrained start for new classes).
+    reset_classifier: bool = False
     convert_scope: str = "backbone"  # what DenoiseRep converts: the backbone / encoder, or (where offered) "all"
     crop_size: int | None = None  # segmentation: training crop and sliding-window size (default per data set)
     slide_stride: int | None = None  # segmentation: evaluate with sliding windows this far apart (None: whole image)

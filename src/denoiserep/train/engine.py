@@ -10,7 +10,6 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from ..convert import denoise_loss, noise_loss_only, to_device
@@ -28,9 +27,6 @@ class EpochSettings:
     grad_clip: float | None = None
     stage: str = "train"
     show_progress: bool = True
-    # Keep BatchNorm layers in eval mode while only denoisers train: the backbone's running
-    # statistics stay frozen, and training sees exactly the statistics inference will use.
-    freeze_norm_statistics: bool = False
 
 
 def train_one_epoch(
@@ -54,18 +50,14 @@ def train_one_epoch(
     model on one extra batch and adds that batch's noise loss to the denoise term: the label-free
     loss on merged datasets. The task loss is skipped entirely when λ = 1 (label-free).
     """
-    model.train()
-    if settings.freeze_norm_statistics:
-        for module in model.modules():
-            if isinstance(module, _BatchNorm):
-                module.eval()
+    model.train()  # BatchNorms of a backbone frozen by `set_trainable` keep their statistics (eval mode)
     lam, device = settings.lam, settings.device
     extra_batches = itertools.cycle(extra_loader) if extra_loader is not None else None
     sums: dict[str, float] = {"loss": 0.0, "task_loss": 0.0, "denoise_loss": 0.0}
     steps = samples = 0
     start = time.perf_counter()
     # Step bars only on a terminal (disable=None); logs get one line per epoch from the stage.
-    bar = tqdm(loader, desc=f"{settings.stage} epoch {epoch}", leave=False,
+    bar = tqdm(loader, desc=f"{settings.stage} epoch {epoch + 1}", leave=False,
                disable=None if settings.show_progress else True)
     for batch in bar:
         batch = to_device(batch, device)

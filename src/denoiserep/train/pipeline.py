@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,31 @@ def run_pipeline(cfg: TrainConfig, task, specs: list[StageSpec], seeds: list[int
             for spec in specs:
                 logger.info("seed %d: %s", seed, spec.variant)
                 results[seed][spec.variant] = run_stage(spec, seed_cfg, task, info, device, resume=resume)
+        _add_finished_stages(cfg, task, seeds, results, info, device)
         return _finish(cfg, task, seeds, results, info, device, latency_repeats)
+
+
+def _add_finished_stages(cfg: TrainConfig, task, seeds: list[int], results: dict[int, dict[str, StageResult]],
+                         info: DistInfo, device: torch.device) -> None:
+    """Every stage the run folder holds, finished for every seed, joins this run's results (a run of
+    ``--stage control denoise`` reports them beside the baseline trained before), in the order of
+    ``--stage all`` and then by name."""
+    folders = [{path.parent.name: path for path in seed_config(cfg, s, len(seeds)).run_dir.glob("*/result.json")}
+               for s in seeds]
+    canonical = [spec.variant for spec in variant_specs(["all"], cfg.lam)]
+
+    def order(variant: str) -> tuple[int, str]:
+        return canonical.index(variant) if variant in canonical else len(canonical), variant
+
+    finished = sorted(set.intersection(*(set(f) for f in folders)), key=order)
+    for seed, found in zip(seeds, folders):
+        seed_cfg = seed_config(cfg, seed, len(seeds))
+        for variant in finished:
+            if variant not in results[seed]:
+                stage = json.loads(found[variant].read_text())["stage"]
+                results[seed][variant] = run_stage(StageSpec(stage, variant), seed_cfg, task, info, device,
+                                                   resume=True)
+        results[seed] = {variant: results[seed][variant] for variant in sorted(results[seed], key=order)}
 
 
 def _finish(cfg: TrainConfig, task, seeds: list[int], results: dict[int, dict[str, StageResult]], info: DistInfo,

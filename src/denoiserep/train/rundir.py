@@ -27,6 +27,8 @@ def check_run(cfg: TrainConfig, stages: list, seeds: list[int], resume: bool) ->
         seed_cfg = seed_config(cfg, seed, len(seeds))
         run_dir = seed_cfg.run_dir
         runs_baseline = any(spec.stage == "baseline" for spec in stages)
+        if runs_baseline and not (resume and (run_dir / "baseline" / "result.json").exists()):
+            _check_baseline_start(cfg)
         if not runs_baseline and not (run_dir / "baseline" / "result.json").exists():
             first = next(spec.stage for spec in stages)
             raise FileNotFoundError(
@@ -47,6 +49,20 @@ def check_run(cfg: TrainConfig, stages: list, seeds: list[int], resume: bool) ->
                 raise FileExistsError(
                     f"{stage_dir} holds an unfinished stage. Pass --resume to continue it, or choose another --name."
                 )
+
+
+def _check_baseline_start(cfg: TrainConfig) -> None:
+    """A baseline of 0 epochs is the model it starts from: that must be a trained one."""
+    if cfg.epochs > 0:
+        return
+    if cfg.reset_classifier:
+        raise ValueError("--reset-classifier starts a new classifier, which must be trained: give --epochs > 0")
+    if not cfg.init and not cfg.model_kwargs.get("pretrained"):
+        raise ValueError(
+            "--epochs 0 trains no baseline, and without --init the 'baseline' would be the random initialisation. "
+            "Pass --init CHECKPOINT (your trained model), a pretrained model ('{\"pretrained\": true, "
+            "\"pretrained_cfg_overlay\": {\"file\": PATH}}' in --model-kwargs), or --epochs N to train one."
+        )
 
 
 def seed_config(cfg: TrainConfig, seed: int, num_seeds: int) -> TrainConfig:

@@ -35,6 +35,7 @@ from ..calibrate import FEW_ROWS_PER_CHANNEL, calibrate, noise_loss_report
 from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, read_state_dict, save_fused
 from ..convert import conversion_state, convert, set_trainable, unwrap
 from ..fuse import fuse
+from ..task_heads import task_heads
 from .config import TrainConfig
 from .distributed import DistInfo, average_batchnorm_statistics, barrier
 from .engine import EpochSettings, NonFiniteLossError, train_one_epoch
@@ -137,14 +138,16 @@ class _StageRunner:
         model = self.task.build_model()
         if self.is_baseline:
             if self.cfg.init:
-                load_init_weights(model, self.cfg.init)
+                load_init_weights(model, self.cfg.init, reset_classifier=self.cfg.reset_classifier)
         else:
             load_fused(model, self.cfg.run_dir / "baseline" / "model.safetensors")
         model.to(self.device)
         stage = self.spec.stage
         if stage == "denoise":
-            convert(self.task.conversion_root(model), self.cfg.denoise_config(),
-                    example_inputs=self.task.conversion_inputs(model, self.device))
+            _, conversion = convert(self.task.conversion_root(model), self.cfg.denoise_config(),
+                                    example_inputs=self.task.conversion_inputs(model, self.device), return_report=True)
+            if self.info.is_main:
+                tqdm.write(f"{self.spec.variant}: {conversion.summary()}", file=sys.stderr)
             # With the alternating option both roles train (in turns); start all trainable so the
             # optimizer holds every parameter, then `_set_phase` toggles requires_grad per epoch.
             set_trainable(model, denoisers=True, backbone=self.cfg.alternate_every is not None)
@@ -194,8 +197,6 @@ class _StageRunner:
         settings = EpochSettings(
             lam=self.spec.lam, device=self.device, autocast_dtype=self.autocast_dtype, grad_clip=cfg.grad_clip,
             stage=self.spec.variant, show_progress=info.is_main,
-            # A frozen backbone includes its BatchNorm statistics (see EpochSettings).
-            freeze_norm_statistics=self.spec.stage in ("denoise", "head") and not cfg.alternate_every,
         )
         for epoch in range(start_epoch, self.epochs):
             phase = self._set_phase(model, epoch)
@@ -214,13 +215,15 @@ class _StageRunner:
                 ) from None
             if scheduler is not None:
                 scheduler.step(epoch + 1)
-            if not settings.freeze_norm_statistics:  # the ranks' statistics differ: the saved model is their mean
-                average_batchnorm_statistics(model)
-                if ema is not None:
-                    average_batchnorm_statistics(ema.module)
+            # The ranks' BatchNorm statistics differ where they train: the saved model is their mean
+            # (statistics `set_trainable` holds are equal on every rank, and their mean is exact).
+            average_batchnorm_statistics(model)
+            if ema is not None:
+                average_batchnorm_statistics(ema.module)
             eval_model = ema.module if ema is not None else model
             metrics = self.task.evaluate(eval_model, info, self.device, self.autocast_dtype)
-            row = {"epoch": epoch, "phase": phase, **train_stats, **{f"val_{k}": v for k, v in metrics.items()}}
+            # Epochs count from 1 everywhere a person reads them: the progress bar, this log, log.csv, plots.
+            row = {"epoch": epoch + 1, "phase": phase, **train_stats, **{f"val_{k}": v for k, v in metrics.items()}}
             history.append(row)
             if info.is_main:
                 tqdm.write(
@@ -290,6 +293,7 @@ class _StageRunner:
             extra["unfused_metrics"] = unfused_metrics
             extra["fuse_max_relative_error"] = report.max_relative_error
             extra["added_biases"] = report.added_biases
+            extra["skipped_layers"] = report.skipped
             if info.is_main:
                 extra.update(task.compare_outputs(unfused_outputs, task.predictions(model, self.device)))
         else:
@@ -422,16 +426,27 @@ def noise_loss_line(noise_loss: dict) -> str:
     return line
 
 
-def load_init_weights(model: nn.Module, path: str) -> None:
-    """Load a user's checkpoint (.safetensors, or a torch file holding a state_dict)."""
+def load_init_weights(model: nn.Module, path: str, reset_classifier: bool = False) -> None:
+    """Load a user's checkpoint (.safetensors, or a torch file holding a state_dict). With
+    ``reset_classifier``, a classifier of another class count is not loaded: the model keeps its
+    freshly initialised one (the pretrained start of a fine-tuning run)."""
     state = read_state_dict(path)
-    classifier = unwrap(model).get_classifier() if hasattr(unwrap(model), "get_classifier") else None
-    if isinstance(classifier, nn.Linear):
-        prefix = next((n for n, m in model.named_modules() if m is classifier), None)
-        weight = state.get(f"{prefix}.weight")
-        if weight is not None and weight.shape[0] != classifier.out_features:
+    own = model.state_dict()
+    for head_name in task_heads(unwrap(model)):
+        keys = [k for k in own if k.startswith(f"{head_name}.")]
+        differs = [k for k in keys if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if not differs:
+            continue
+        if not reset_classifier:
             raise ValueError(
-                f"--init {path} has a {weight.shape[0]}-class classifier ({prefix}) but the data has "
-                f"{classifier.out_features} classes. Use a checkpoint trained on this data's classes."
+                f"--init {path} has a {state[differs[0]].shape[0]}-class classifier ({head_name}) but this model has "
+                f"{own[differs[0]].shape[0]} classes ({differs[0]}: {tuple(state[differs[0]].shape)} in the file, "
+                f"{tuple(own[differs[0]].shape)} in the model). Pass --reset-classifier to start a new classifier "
+                "from the rest of the checkpoint (then train it: --epochs > 0), or use a checkpoint of this data's "
+                "classes."
             )
+        logger.warning("--init %s: its classifier %s does not fit this data's classes and is not loaded; a new one "
+                       "is trained (--reset-classifier)", path, head_name)
+        state = {**{k: v for k, v in state.items() if not k.startswith(f"{head_name}.")},
+                 **{k: own[k] for k in keys}}
     load_state_dict_checked(model, state, path)

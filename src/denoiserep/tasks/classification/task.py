@@ -31,6 +31,7 @@ class ClassificationTask(TaskBase):
     primary_metric = "top1"
     metric_label = "top-1"
     demo_defaults = {"data": "digits", "epochs": 30, "extra_epochs": 10, "name": "demo"}
+    data_sources = "digits | mnist1d | imagefolder:PATH | cifar10:PATH | cifar100:PATH | PATH (one of those layouts)"
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)

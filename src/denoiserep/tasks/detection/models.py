@@ -353,7 +353,6 @@ def _check_levels(name: str, anchor_sizes: tuple, levels: int) -> None:
 def _build_detr(backbone_name: str, num_classes: int, in_chans: int, **kwargs) -> DetectionModel:
     if importlib.util.find_spec("transformers") is None:
         raise ValueError("detr_* models need Hugging Face transformers: pip install 'denoiserep[hf]'")
-    from torchvision.ops import FrozenBatchNorm2d
     from transformers import DetrConfig, DetrForObjectDetection
 
     kwargs = dict(kwargs)
@@ -366,13 +365,4 @@ def _build_detr(backbone_name: str, num_classes: int, in_chans: int, **kwargs) -
     config = DetrConfig(use_timm_backbone=True, backbone=backbone_name, use_pretrained_backbone=False,
                         num_labels=num_classes, num_channels=in_chans, **kwargs)
     net = DetrForObjectDetection(config)
-    # DETR's own frozen BatchNorm has torchvision's formula and keys but not its name, which is how
-    # DenoiseRep finds a BatchNorm to fold a bias-free convolution's constant into.
-    for parent in list(net.modules()):
-        for child_name, child in parent.named_children():
-            if type(child).__name__ == "DetrFrozenBatchNorm2d":
-                frozen = FrozenBatchNorm2d(child.weight.numel(), eps=1e-5)
-                for key in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(frozen, key).copy_(getattr(child, key))
-                setattr(parent, child_name, frozen)
     return DetectionModel(net, "detr", resize)

@@ -20,7 +20,7 @@ from ...metrics.detection import evaluate as evaluate_detections  # `evaluate` i
 from ...train.config import TrainConfig
 from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
 from ..base import TaskBase, model_kwargs_without_classes
-from .data import DetectionData, collate, load_detection_data
+from .data import SPECS, DetectionData, collate, load_detection_data
 from .models import DetectionModel, build_detection_model, parse_model_name
 from .sampling import AspectRatioBatchSampler, warn_about_small_groups
 
@@ -45,6 +45,7 @@ class DetectionTask(TaskBase):
     primary_metric = "AP"
     metric_label = "AP"
     other_metrics = ("AP50", "AP75")
+    data_sources = SPECS
     demo_defaults: ClassVar[dict] = {"data": "digit-scenes", "model": DEMO_MODEL, "model_kwargs": DEMO_MODEL_KWARGS, "epochs": 6,
                      "extra_epochs": 1, "batch_size": 16, "eval_batch_size": 8, "lr": 2e-3, "warmup_epochs": 0,
                      "calibrate_batches": 10, "name": "demo-detection"}

@@ -40,7 +40,7 @@ from ...models import default_model_for
 from ...train.config import TrainConfig
 from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
 from ..base import TaskBase
-from .data import MergedReidDataset, ReidSample, load_reid_spec
+from .data import READERS, MergedReidDataset, ReidSample, load_reid_spec
 from .digits import NAME as DIGITS_REID, DigitsReid, load_digits_reid
 from .losses import ReidLoss
 from .models import ReidModel, create_reid_model
@@ -128,6 +128,7 @@ class ReidTask(TaskBase):
     name = "reid"
     primary_metric = "mAP"
     metric_label = "mAP"
+    data_sources = f"{DIGITS_REID} | NAME:PATH[,NAME:PATH …] (NAME: {', '.join(READERS)})"
     demo_defaults = {"task": "reid", "data": DIGITS_REID, "epochs": 40, "extra_epochs": 10, "label_smoothing": 0.1,
                      "name": "demo-reid"}
     demo_note = ("Note: this is a smoke demo of the ReID pipeline on handwritten digits (identity = digit × "

@@ -19,7 +19,7 @@ from ...metrics.segmentation import SegmentationMetric
 from ...train.config import TrainConfig
 from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
 from ..base import TaskBase, model_kwargs_without_classes
-from .data import IGNORE_INDEX, SegmentationData, load_segmentation_data
+from .data import IGNORE_INDEX, SPECS, SegmentationData, load_segmentation_data
 from .models import AUX_LOSS_WEIGHT, SegmentationModel, build_segmentation_model
 
 PREDICTION_IMAGES = 64  # validation images whose argmax maps are compared fused vs unfused
@@ -36,6 +36,7 @@ class SegmentationTask(TaskBase):
     primary_metric = "mIoU"
     metric_label = "mIoU"
     other_metrics = ("aAcc", "mBIoU")
+    data_sources = SPECS
     demo_defaults = {"data": "digit-scenes", "model": DEMO_MODEL, "epochs": 20, "extra_epochs": 5,
                      "batch_size": 32, "eval_batch_size": 64, "name": "demo-segmentation"}
     demo_note = ("Note: this is a smoke demo of the segmentation pipeline on handwritten digits composed into "
