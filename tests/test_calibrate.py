@@ -614,3 +614,42 @@ def test_the_progress_bar_counts_the_batches_there_are(monkeypatch):
     monkeypatch.setattr(module, "tqdm", recording_tqdm)
     dr.calibrate(converted_cnn(), [torch.randn(2, 3, 6, 6) for _ in range(3)], max_batches=100)
     assert totals[0] == 3
+
+
+class GateOpenedByCalibration(nn.Module):
+    """Passes channel 0 on, and channel 0 again where channel 1 exceeds ``threshold``: a channel that is
+    dead on the original inputs (channel 1 is constant −1) and alive once the layer before it is
+    calibrated (which moves the constant to −g, g < 1)."""
+
+    def __init__(self, threshold: float, opening: float):
+        super().__init__()
+        self.threshold, self.opening = threshold, opening
+
+    def forward(self, z):
+        return torch.stack([z[:, 0], z[:, 0] * torch.relu(z[:, 1] + self.threshold) / self.opening], dim=1)
+
+
+def cascading_model():
+    first, last = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(2))
+        first.bias.zero_()
+    model = nn.Sequential(first, GateOpenedByCalibration(0.0, 1.0), last)
+    x = torch.stack([torch.randn(256), -torch.ones(256)], dim=1)
+    dr.convert(model, DenoiseConfig(schedule="ddpm", timestep_range=(1, 500)), example_inputs=x[:2])
+    step = dr.layer_denoisers(model).__next__()[2]  # the first layer, t = 500
+    s, n = coefficients(step)
+    g = step.c3 - step.c1 * (1 - s) / n  # a calibrated constant input channel μ becomes g μ
+    model[1].threshold, model[1].opening = (1 + g) / 2, (1 - g) / 2
+    return model, list(x.split(64))
+
+
+def test_a_layer_whose_inputs_the_layers_before_it_change_is_refit_in_another_pass():
+    model, batches = cascading_model()
+    state = denoiser_state(model)
+    with pytest.raises(CalibrationError, match=r"leave 1 layer\(s\) above.*2: .*After 1 pass"):
+        dr.calibrate(model, batches, passes=1, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    report = dr.calibrate(model, batches, progress=False)  # passes="auto"
+    assert report.passes == 2
+    assert report.after.layers[-1].l2 < report.before.layers[-1].l2

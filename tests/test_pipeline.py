@@ -61,8 +61,9 @@ def test_fused_denoiserep_weights_load_into_the_original_architecture(tmp_path):
 
 def test_a_denoise_stage_starts_at_the_calibrated_optimum_and_reports_its_noise_loss_at_each_point(tmp_path):
     assert run_cli(tmp_path, "--stage", "baseline", "denoise", "--label-free", "--schedule", "ddpm",
-                   "--timestep-range", "1", "1000") == 0
+                   "--timestep-range", "1", "1000", "--calibrate-passes", "2") == 0
     noise = result(tmp_path, "denoiserep-label-free")["extra"]["noise_loss"]
+    assert noise["calibration"]["passes"] == 2
     identity, calibrated, end = noise["identity"], noise["calibrated"], noise["end"]
     assert calibrated["l1"] < 0.6 * identity["l1"]
     assert calibrated["l2_gap"] < 0.05 * identity["l2_gap"]  # measured on validation batches: near, not at, 0

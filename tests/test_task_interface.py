@@ -20,7 +20,8 @@ from denoiserep.tasks.base import Task, TaskBase
 from denoiserep.train.config import TrainConfig
 from denoiserep.train.distributed import GlobalBatchSampler, all_reduce_sum
 
-CORE_MODULES = ["schedule", "config", "noise_loss", "layers", "convert", "fuse", "head", "checkpoint", "calibrate"]
+CORE_MODULES = ["schedule", "config", "noise_loss", "layer_step", "layers", "convert", "fuse", "head", "checkpoint", "moments",
+                "optimum", "calibrate"]
 
 
 def modules_loaded_by(statement: str) -> set[str]:

@@ -46,6 +46,7 @@ from .optimum import (
 # Below this many input rows per channel (of a group) a layer's covariance is poorly determined.
 FEW_ROWS_PER_CHANNEL = 10
 HOLDOUT_EVERY = 8
+MAX_AUTO_PASSES = 3  # passes="auto": refit while a layer ends above its starting loss, at most this often
 
 
 class CalibrationError(ValueError):
@@ -443,7 +444,7 @@ def noise_loss_report(model: nn.Module, batches: Iterable, *, max_batches: int |
     return NoiseLossReport(rows, collected.batches)
 
 
-def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = None, passes: int = 1,
+def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = None, passes: int | str = "auto",
               layers_per_pass: int | None = None, holdout_every: int | None = HOLDOUT_EVERY,
               shrinkage: str | float = "auto", eval_batches: Iterable | None = None,
               precision: torch.dtype = torch.float32, progress: bool = True) -> CalibrationReport:
@@ -463,9 +464,10 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
       minimises the held-out loss (without held-out rows: a Gaussian estimate of the sampling
       error); a number in [0, 1] fixes ρ (0: the exact optimum of the fitting rows).
     - ``max_batches``: stop after this many batches.
-    - ``passes``: refit every layer this many times; each later pass measures the layers' inputs
-      with the earlier layers already calibrated. ``CalibrationReport.refit_gaps`` says how much
-      that changed.
+    - ``passes``: fit every layer this many times; each later pass measures the layers' inputs with
+      the earlier layers already calibrated (``CalibrationReport.refit_gaps`` says how much that
+      changed). ``"auto"``: one pass, and another while some layer ends above its starting loss on
+      the held-out batches because the layers before it changed its inputs (at most 3).
     - ``layers_per_pass``: bound the memory (float64 d × d per group and layer, twice with a
       hold-out) by calibrating this many layers per pass, in execution order.
     - ``eval_batches``: also measure the L1 noise loss before and after on these batches.
@@ -474,11 +476,11 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
       exact, needed for activations beyond ~1e19, and on a CPU about twice as slow.
 
     Raises `CalibrationError` (the model unchanged) on unusable batches, and when a calibrated layer
-    would end above its starting loss on the held-out rows. ``passes > 1`` and ``layers_per_pass`` go
-    over ``batches`` several times: pass a DataLoader or a list, not a one-shot generator.
+    would end above its starting loss on the held-out rows. More than one pass and ``layers_per_pass``
+    go over ``batches`` several times: a DataLoader or a list can, a one-shot generator cannot.
     """
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
+    if passes != "auto" and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
+        raise ValueError(f"passes must be 'auto' or an integer >= 1, got {passes!r}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
     if layers_per_pass is not None and layers_per_pass < 1:
@@ -492,7 +494,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
     layers = _converted_layers(model)
     chunk = layers_per_pass or len(layers)
     chunks = [layers[i:i + chunk] for i in range(0, len(layers), chunk)]
-    if (passes > 1 or len(chunks) > 1) and iter(batches) is batches:
+    one_shot = iter(batches) is batches
+    if ((passes != "auto" and passes > 1) or len(chunks) > 1) and one_shot:
         raise ValueError(
             "passes > 1 and layers_per_pass go over the batches several times, but batches is a one-shot "
             "iterator (e.g. a generator); pass a DataLoader or a list of inputs"
@@ -510,7 +513,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
     statistics_seconds = 0.0
     held_out = False
     try:
-        for pass_index in range(passes):
+        pass_index = 0
+        while True:
             refit_gap = 0.0
             for chunk_index, group in enumerate(chunks):
                 pass_start = time.perf_counter()
@@ -538,10 +542,15 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
                     refit_gap += current_l2 - min(fitted_l2, current_l2)
             if pass_index > 0:
                 refit_gaps.append(refit_gap)
-        after, worse = _after(model, chunks, snapshot, fitted_on, heldout_batches if held_out else None,
-                              progress, precision)
-        if worse:
-            raise CalibrationError(_worse_message(worse, held_out))
+            pass_index += 1
+            if passes != "auto" and pass_index < passes:
+                continue
+            after, worse = _after(model, chunks, snapshot, fitted_on, heldout_batches if held_out else None,
+                                  progress, precision)
+            if not worse:
+                break
+            if passes != "auto" or pass_index == MAX_AUTO_PASSES or one_shot:
+                raise CalibrationError(_worse_message(worse, held_out, pass_index, one_shot))
     except BaseException:
         with torch.no_grad():
             for name, _, denoiser in layers:
@@ -556,7 +565,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
     order = [name for name, _, _ in layers if name in fits]
     measured = len(heldout_batches) if held_out else count
     return CalibrationReport(NoiseLossReport([before[n] for n in order], measured), NoiseLossReport(after, measured),
-                             [fits[n] for n in order], held_out, count, passes, refit_gaps,
+                             [fits[n] for n in order], held_out, count, pass_index, refit_gaps,
                              time.perf_counter() - start, statistics_seconds, peak)
 
 
@@ -588,13 +597,17 @@ def _after(model: nn.Module, chunks, snapshot: dict, fitted_on: dict[str, InputS
     return [after[name] for name in order], worse
 
 
-def _worse_message(worse: list[tuple[str, float, float]], held_out: bool) -> str:
+def _worse_message(worse: list[tuple[str, float, float]], held_out: bool, passes: int, one_shot: bool) -> str:
     where = "on the held-out batches" if held_out else "on the calibration batches"
     listed = "; ".join(f"{name}: {start:.6g} -> {end:.6g}" for name, start, end in worse[:10])
+    if one_shot:
+        fix = ("The layers upstream changed these layers' inputs after they were fitted; another pass would refit "
+               "them, but the batches are a one-shot iterator: pass a DataLoader or a list of inputs")
+    else:
+        fix = (f"After {passes} pass(es) the layers upstream still change these layers' inputs after they are fitted: "
+               "pass more batches, or passes=N for more refits")
     return (f"calibration would leave {len(worse)} layer(s) above their starting noise loss (expected L2 {where}): "
-            f"{listed}{' …' if len(worse) > 10 else ''}. Usually the layers upstream changed their inputs after "
-            "these were fitted: pass passes=2 (each pass fits the inputs the previous one produced), or more "
-            "batches. The model was left unchanged.")
+            f"{listed}{' …' if len(worse) > 10 else ''}. {fix}. The model was left unchanged.")
 
 
 def _warn_about_fits(layers, fits: dict[str, LayerFit], fitted_on: dict[str, InputStatistics],

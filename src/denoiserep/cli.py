@@ -15,6 +15,17 @@ from pathlib import Path
 from .tasks import TASKS, task_class
 from .train.config import TrainConfig
 
+
+def _passes(value: str) -> int | str:
+    """``--calibrate-passes``: 'auto' or a number of passes."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {value!r}") from None
+
+
 # Flags of `train` that map one-to-one onto TrainConfig fields; --help adds each field's default.
 _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--task", "task", {"help": "the kind of problem (a task registered in denoiserep.tasks.TASKS)"}),
@@ -68,8 +79,9 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
                                                  "(the paper's start)"}),
     ("--calibrate-batches", "calibrate_batches", {"type": int, "help": "training batches the calibration sees "
                                                                        "(at most)"}),
-    ("--calibrate-passes", "calibrate_passes", {"type": int, "help": "calibration passes: each later one refits "
-                                                "every layer to the inputs the calibrated layers before it produce"}),
+    ("--calibrate-passes", "calibrate_passes", {"type": _passes, "help": "calibration passes: each later one refits "
+                                                "every layer to the inputs the calibrated layers before it produce; "
+                                                "'auto' refits while a layer would end above its starting loss"}),
     ("--head-steps", "head_steps", {"type": int, "help": "DenoiseRep⁻ reverse steps"}),
     ("--device", "device", {"choices": ["auto", "cpu", "cuda"], "help": "auto: CUDA when available"}),
     ("--threads", "threads", {"type": int, "help": "torch CPU threads (default: 1 below 5M parameters, else torch's)"}),

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import re
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
@@ -22,7 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import hf
 from .config import DenoiseConfig
-from .layers import LayerDenoiser, attach, denoiser_of
+from .layers import TREE, LayerDenoiser, attach, denoiser_of
 from .task_heads import task_heads
 
 logger = logging.getLogger(__name__)
@@ -559,6 +561,23 @@ def conversion_state(model: nn.Module) -> ConversionState:
     return state
 
 
+# The denoisers of a model, found once per module tree (`layers.TREE` counts its changes).
+_LOSS_MODULES: "weakref.WeakKeyDictionary[nn.Module, tuple[int, list[nn.Module]]]" = weakref.WeakKeyDictionary()
+
+
+def loss_modules(model: nn.Module, *, fresh: bool = False) -> list[nn.Module]:
+    """The layer denoisers and DenoiseRep⁻ heads of ``model``, in module order (cached)."""
+    from .head import DenoiseHead
+
+    root = unwrap(model)
+    cached = _LOSS_MODULES.get(root)
+    if cached is not None and cached[0] == TREE["generation"] and not fresh:
+        return cached[1]
+    modules = [m for m in root.modules() if isinstance(m, (LayerDenoiser, DenoiseHead))]
+    _LOSS_MODULES[root] = (TREE["generation"], modules)
+    return modules
+
+
 def denoise_loss(model: nn.Module) -> torch.Tensor:
     """Sum over layers of the noise-prediction losses accumulated since the last call.
 
@@ -567,20 +586,33 @@ def denoise_loss(model: nn.Module) -> torch.Tensor:
     with trainable denoisers but nothing accumulated raises: its forward ran in eval mode or without
     gradients, and a zero loss would train nothing without a word.
     """
-    from .head import DenoiseHead
+    losses = [pair for module in loss_modules(model) for pair in module.pop_weighted_losses()]
+    if not losses:  # look again without the cache before concluding that nothing ran
+        modules = loss_modules(model, fresh=True)
+        losses = [pair for module in modules for pair in module.pop_weighted_losses()]
+        if not losses and any(p.requires_grad for module in modules for p in module.parameters()):
+            raise RuntimeError(
+                "denoise_loss(model) has no noise loss to return: since the last call the model ran no forward in "
+                "train mode with gradients enabled (model.eval(), torch.no_grad() and torch.inference_mode() turn "
+                "the noise losses off). Call model.train() and run a forward with gradients first."
+            )
+    if not losses:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return torch.zeros((), device=device)
+    # float32 at least (half-precision losses are summed in float32; a float64 model's stay float64).
+    dtype = functools.reduce(torch.promote_types, (loss.dtype for loss, _ in losses), torch.float32)
+    values = [loss if loss.dtype == dtype else loss.to(dtype) for loss, _ in losses]
+    if len(values) == 1:
+        return values[0] * losses[0][1]
+    # One weighted sum for every layer's loss (each queued as a sum over its elements, with 1 / count).
+    return torch.dot(torch.stack(values), _scales(tuple(scale for _, scale in losses), values[0].device, dtype))
 
-    denoisers = [m for m in unwrap(model).modules() if isinstance(m, (LayerDenoiser, DenoiseHead))]
-    losses = [loss for module in denoisers for loss in module.pop_losses()]
-    if losses:
-        return torch.stack([loss.float() for loss in losses]).sum()
-    if any(p.requires_grad for module in denoisers for p in module.parameters()):
-        raise RuntimeError(
-            "denoise_loss(model) has no noise loss to return: since the last call the model ran no forward in "
-            "train mode with gradients enabled (model.eval(), torch.no_grad() and torch.inference_mode() turn "
-            "the noise losses off). Call model.train() and run a forward with gradients first."
-        )
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return torch.zeros((), device=device)
+
+@functools.lru_cache(maxsize=64)
+def _scales(scales: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The layers' loss scales as a tensor, made once per batch shape (a copy to a GPU each step would
+    wait for it)."""
+    return torch.tensor(scales, dtype=dtype, device=device)
 
 
 @contextlib.contextmanager
@@ -593,7 +625,7 @@ def noise_loss_only(model: nn.Module) -> Iterator[None]:
     gradients are exactly those of the same forward outside the context; the model's
     outputs carry no gradient (use it only when the task loss is not needed).
     """
-    denoisers = [denoiser for _, _, denoiser in layer_denoisers(model)]
+    denoisers = [module for module in loss_modules(model) if isinstance(module, LayerDenoiser)]
     previous = [denoiser.noise_loss_only for denoiser in denoisers]
     for denoiser in denoisers:
         denoiser.noise_loss_only = True

@@ -95,6 +95,10 @@ class DenoiseHead(nn.Module):
                 x = x + self.sigma[i] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x
 
+    def pop_weighted_losses(self) -> list[tuple[torch.Tensor, float]]:
+        """(loss, scale) pairs as `LayerDenoiser.pop_weighted_losses` returns them (here: scale 1)."""
+        return [(loss, 1.0) for loss in self.pop_losses()]
+
     def pop_losses(self) -> list[torch.Tensor]:
         losses, self._pending_losses = self._pending_losses, []
         return losses

@@ -8,15 +8,17 @@ channels at a fixed timestep ``t``::
     Y    = W X̂ + b = W' X + b'
     W'   = W (c3 I − c1 A),   b' = b + W (−c1 (A e + a) + σ z)
 
-`LayerDenoiser` is registered as a ``torch.nn.utils.parametrize`` parametrization of the
-layer's ``weight`` (so ``layer.weight`` *is* W′ and the task path trains A through it), and
-two hooks on the layer add the bias shift and accumulate the noise-prediction loss.
+`LayerDenoiser` is a ``torch.nn.utils.parametrize`` parametrization of the layer's ``weight`` (so
+``layer.weight`` *is* W′, wherever it is read), and the converted layer's forward (`DenoisedForward`,
+set on the layer instance) runs it on W′ and b′: in eval mode and whenever the denoiser does not
+train from the parametrization, in training as one `denoiserep.layer_step.LayerStep`, which also
+queues the layer's noise loss for `denoise_loss`.
 
-Two exact ways to train through a layer (``path``), chosen per call by their cost when ``"auto"``:
-"weight" forms W′ (out · k · d² multiply-adds, forward and backward again, whatever the batch);
-"input" denoises the input instead, X ↦ c3 X − c1 A X, and runs the layer on W (M · d² for M
-input positions, twice more backward) — and then the noise loss reuses that same A X. Outside
-training, and when only the noise loss trains (`noise_loss_only`), it is always "weight".
+Two exact ways to train through a layer (``path``), chosen once per input shape by their cost when
+``"auto"``: "weight" forms W′ (out · k · d² multiply-adds, forward and backward again, whatever the
+batch); "input" denoises the input instead, X ↦ c3 X − c1 A X, and runs the layer on W (M · d² for M
+input positions, twice more backward), and then the noise loss reuses that same A X. When only the
+noise loss trains (`noise_loss_only`) the layer runs on W′ and b′ without autograd.
 
 Convolutions: the denoiser is applied pointwise to the **padded** input ("pad, then denoise").
 For reflect/replicate/circular padding this equals "denoise, then pad"; for zero padding it
@@ -26,17 +28,27 @@ becomes a pure bias shift of ``Σ_{i,k} W[o, i, k] · u_i``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noise_loss import SharedProduct, expected_l2_from_gram, expected_loss, noise_prediction_loss, residual_variance
 from .schedule import StepCoefficients
+from .layer_step import (
+    LayerStep,
+    LossStep,
+    Matrices,
+    Pointwise,
+    WeightViews,
+    constant,
+    fused_weight,
+    kernel_sum,
+    shifted_bias,
+)
 
 
 class LayerDenoiser(nn.Module):
@@ -77,14 +89,12 @@ class LayerDenoiser(nn.Module):
         self.loss_token_fraction = loss_token_fraction
         self.estimator = estimator
         self.path = path
-        # True only inside this layer's own forward call when the input path runs: the layer then
-        # reads W, since its input is already denoised. Any other read of ``layer.weight`` gets W′.
-        self._input_path_call = False
         self.following_norm: str | None = None  # set by convert(): a BatchNorm fed by this layer
         self._pending_losses: list[torch.Tensor] = []
         self._warned_uncollected = False
-        # Set by `convert.noise_loss_only`: the forward then computes W′ and the bias shift
-        # without recording them for autograd (label-free training needs no task gradient).
+        self._paths: dict[tuple, str] = {}  # the chosen path per (positions, input grad, weight grad)
+        # Set by `convert.noise_loss_only`: the layer then runs on W′ and b′ without autograd (label-free
+        # training needs no task gradient); only the noise loss is recorded.
         self.noise_loss_only = False
         # False inside `denoiserep.disable_adapter`: the layer computes its original W x + b.
         self.enabled = True
@@ -124,8 +134,17 @@ class LayerDenoiser(nn.Module):
             noise = (step.sigma * z).to(**factory)
         # σ z is part of the checkpoint, so that fusing the same checkpoint twice is bit-identical.
         self.register_buffer("noise", noise)
+        self.sample_noise = sample_noise
+        # How A meets the layer's input (rows, or channels-first convolutions), and positions as rows.
+        self.pointwise = Pointwise(g, d, self.spatial_dims)
+        # Positions as rows (one group), or as a (1, C, M) sequence for grouped 1 × 1 convolutions.
+        self.rows_pointwise = Pointwise(g, d, 0) if g == 1 else Pointwise(g, d, 1)
+        self.rows_layout = Pointwise(g, d, 0)  # sums and broadcasts over rows (no products)
 
     # -- the denoiser as a matrix ---------------------------------------------------------
+    def matrix_parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.A,) if self.form == "full" else (self.A_diag, self.U, self.V)
+
     def matrix(self) -> torch.Tensor:
         """A as (groups, d, d) blocks; ``(A x)_j = Σ_i A[g, j, i] x_i`` within group g."""
         if self.form == "full":
@@ -134,16 +153,13 @@ class LayerDenoiser(nn.Module):
 
     def constant(self) -> torch.Tensor:
         """``A e + a``: the part of D(x) = A (x + e) + a that does not depend on x."""
-        return self.apply_matrix(self.e.unsqueeze(0)).squeeze(0) + self.a
+        return constant(Matrices(self.form, self.matrix_parameters()), self.e, self.a)
 
     def apply_matrix(self, rows: torch.Tensor) -> torch.Tensor:
         """``A x`` for rows of shape (M, channels), without forming A in the low-rank case."""
-        x = rows.reshape(rows.shape[0], self.groups, self.group_channels)
-        if self.form == "full":
-            y = torch.einsum("mgi,gji->mgj", x, self.A)
-        else:
-            y = x * self.A_diag + torch.einsum("mgr,gjr->mgj", torch.einsum("mgi,gri->mgr", x, self.V), self.U)
-        return y.reshape(rows.shape)
+        t = rows if self.groups == 1 else rows.t().unsqueeze(0)
+        out, _ = self.rows_pointwise.apply(Matrices(self.form, self.matrix_parameters()), t)
+        return out if self.groups == 1 else out.squeeze(0).t()
 
     def denoise(self, rows: torch.Tensor) -> torch.Tensor:
         """The unfused reverse step on input rows (M, channels): ``c3 x − c1 D(x) + σ z``."""
@@ -152,34 +168,25 @@ class LayerDenoiser(nn.Module):
 
     # -- fusion ---------------------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """W′ = W (c3 I − c1 A) = c3 W − c1 W A, per conv group; once per forward, batch-independent.
-
-        Written as one fused multiply-add on the weight's rows (no identity matrix); the
-        low-rank form never builds the dense d × d matrix: W′ = W diag(c3 − c1 a) − c1 (W U) V.
-        `fuse` calls this same function, so fused weights are the ones the training forward used.
-        """
-        if self._input_path_call or not self.enabled:
+        """W′ = W (c3 I − c1 A) = c3 W − c1 W A, per conv group; the training forward's own W′
+        (`denoiserep.layer_step.fused_weight`), which `fuse` writes into the layer."""
+        if not self.enabled:
             return weight
-        with torch.no_grad() if self.noise_loss_only else contextlib.nullcontext():
-            return self._fused_weight(weight)
-
-    def _fused_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        rows = _weight_rows(weight, self.groups)  # (groups, out/groups · kernel, d)
-        if self.form == "full":
-            fused = torch.baddbmm(rows, rows, self.A.to(rows.dtype), beta=self.c3, alpha=-self.c1)
-        else:
-            scaled = rows * (self.c3 - self.c1 * self.A_diag.to(rows.dtype)).unsqueeze(1)
-            fused = torch.baddbmm(scaled, rows @ self.U.to(rows.dtype), self.V.to(rows.dtype), alpha=-self.c1)
-        return _weight_from_rows(fused, weight.shape, self.groups)
+        return fused_weight(self.groups, weight, self.form, self.matrix_parameters(), self.c1, self.c3)
 
     def bias_shift(self, weight: torch.Tensor) -> torch.Tensor:
         """``W u`` with ``u = −c1 (A e + a) + σ z``, summed over the kernel (shape: out_features)."""
-        u = (-self.c1 * self.constant() + self.noise).reshape(self.groups, self.group_channels)
-        kernel_sum = weight.sum(dim=tuple(range(2, weight.ndim))) if weight.ndim > 2 else weight
-        per_group = kernel_sum.reshape(self.groups, -1, self.group_channels)
-        return torch.einsum("goi,gi->go", per_group, u.to(per_group.dtype)).reshape(-1)
+        u = torch.add(self.noise, self.constant(), alpha=-self.c1).to(weight.dtype)
+        return shifted_bias(kernel_sum(weight), None, u, self.groups, 1.0)
 
-    # -- training signal ------------------------------------------------------------------
+    def shifted_bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """b′ = b + W u as the training forward forms it."""
+        c = self.constant().to(weight.dtype)
+        if self.sample_noise:
+            return shifted_bias(kernel_sum(weight), bias, torch.add(self.noise, c, alpha=-self.c1), self.groups, 1.0)
+        return shifted_bias(kernel_sum(weight), bias, c, self.groups, -self.c1)
+
+    # -- where the noise loss looks ----------------------------------------------------------
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input as rows (positions, channels): the positions the noise loss sees.
 
@@ -189,41 +196,81 @@ class LayerDenoiser(nn.Module):
         channel_axis = x.ndim - 1 - self.spatial_dims
         return x.detach().movedim(channel_axis, -1).reshape(-1, self.channels)
 
+    def layer_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """The input in the layout `pointwise` works in: rows for a Linear, the batch as it is for a
+        conv (an unbatched conv input gains its batch axis)."""
+        if self.spatial_dims == 0:
+            return x.reshape(-1, self.channels)
+        return x if x.ndim == self.spatial_dims + 2 else x.unsqueeze(0)
+
+    def from_layer_positions(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return t.reshape(x.shape)
+
+    def _subset(self, count: int, device: torch.device) -> torch.Tensor:
+        # The loss is an expectation over positions: a random subset estimates it unbiasedly.
+        return torch.randint(count, (max(1, int(count * self.loss_token_fraction)),), device=device)
+
+    def loss_positions(self, x: torch.Tensor) -> tuple[torch.Tensor, Pointwise]:
+        """The positions the noise loss uses (all, or a random ``loss_token_fraction``), with their layout."""
+        t = self.layer_positions(x)
+        if self.loss_token_fraction == 1.0:
+            return t, self.pointwise
+        rows = self.pointwise.to_rows(t)
+        chosen = rows[self._subset(rows.shape[0], rows.device)]
+        return (chosen, self.rows_pointwise) if self.groups == 1 else (chosen.t().unsqueeze(0), self.rows_pointwise)
+
+    def loss_positions_of_product(self, product: torch.Tensor):
+        """The input path's A x at the noise loss's positions: (values, layout, the chosen rows or None)."""
+        if self.loss_token_fraction == 1.0:
+            return product, self.pointwise, None
+        rows = self.pointwise.to_rows(product)
+        index = self._subset(rows.shape[0], rows.device)
+        return rows[index], self.rows_layout, index
+
+    def product_grad_at_positions(self, grad: torch.Tensor, index: torch.Tensor | None, x: torch.Tensor):
+        """∂/∂(A x) in the layer layout from its value at the loss's positions (zero elsewhere)."""
+        if index is None:
+            return grad
+        t = self.layer_positions(x)
+        full = grad.new_zeros(t.numel() // self.channels, self.channels).index_add_(0, index, grad)
+        if self.spatial_dims == 0:
+            return full
+        shape = (t.shape[0], *t.shape[2:], self.channels)
+        return full.view(shape).movedim(-1, 1)
+
+    # -- training signal ------------------------------------------------------------------
     def noise_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """``|ε − D(√ᾱ x + √(1−ᾱ) ε)|`` on the layer's detached input, at this layer's t: one ε per
-        position (``estimator="sampled"``) or its exact expectation over ε (``"expected"``)."""
-        rows = self._loss_rows(self.input_rows(x).to(self.a.dtype))
-        s, r = self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar
-        if self.estimator == "expected":
-            if self.form == "full" and self.loss_type == "l2" and self.group_channels < rows.shape[0]:
-                return expected_l2_from_gram(rows, self.A, self.constant(), s, r)
-            mean = torch.add(self.constant(), self.apply_matrix(rows), alpha=s)  # the residual's mean, negated
-            return expected_loss(mean, residual_variance(self.matrix(), r), self.loss_type)
-        eps = torch.randn_like(rows)
-        noisy = s * rows + r * eps
-        # A (x + e) + a with A applied to the rows and to e separately: the constant A e + a is
-        # then one vector, and no (rows × channels) sum is materialised for autograd.
-        predicted = self.apply_matrix(noisy) + self.constant()
-        return noise_prediction_loss(predicted.float(), eps.float(), self.loss_type)
+        """``|ε − D(√ᾱ x + √(1−ᾱ) ε)|`` on the layer's detached input (the layer's input layout, or
+        rows), at this layer's t, averaged over its elements: one ε per position (``estimator=
+        "sampled"``) or its exact expectation over ε (``"expected"``). Differentiable in the
+        denoiser's parameters."""
+        return LossStep.apply(self, x, self.e, self.a, *self.matrix_parameters()) / self.loss_elements(x)
 
-    def _loss_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def loss_elements(self, x: torch.Tensor) -> int:
+        """Elements the noise loss averages over for input x: its positions (or the fraction of them
+        it draws) times the channels."""
+        positions = x.numel() // self.channels
         if self.loss_token_fraction < 1.0:
-            # The loss is an expectation over positions: a random subset estimates it unbiasedly.
-            keep = max(1, int(rows.shape[0] * self.loss_token_fraction))
-            rows = rows[torch.randint(rows.shape[0], (keep,), device=rows.device)]
-        return rows
+            positions = max(1, int(positions * self.loss_token_fraction))
+        return positions * self.channels
 
-    # -- the input path -------------------------------------------------------------------
     def prefers_input_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether denoising this call's input costs fewer multiply-adds than forming W′, each with
         its backward and the expected noise loss. On the input path the layer runs on the frozen W,
         so its own weight gradient (out · k · d per output position), which W′ needs, is not formed.
         The input path needs the full-rank A and the expected estimator, whose loss it computes from
-        the task path's own A x."""
+        the task path's own A x. Decided once per input size and gradient setting."""
         if self.path == "weight" or self.form != "full" or self.estimator != "expected":
             return False
         if self.path == "input":
             return True
+        key = (x.numel(), x.requires_grad, weight.requires_grad)
+        choice = self._paths.get(key)
+        if choice is None:
+            choice = self._paths[key] = "input" if self._input_path_cheaper(x, weight) else "weight"
+        return choice == "input"
+
+    def _input_path_cheaper(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         g, d = self.groups, self.group_channels
         positions = x.numel() // self.channels
         loss_positions = positions * self.loss_token_fraction
@@ -237,20 +284,9 @@ class LayerDenoiser(nn.Module):
             input_path -= (positions // self.stride_product) * weight.shape[0] * weight[0, 0].numel() * d
         return input_path < weight_path
 
-    def denoise_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input path: ``c3 x − c1 A x`` (the bias shift is added after the layer, as in the
-        weight path), and the expected noise loss from the same ``A x``, queued for `denoise_loss`."""
-        channel_axis = x.ndim - 1 - self.spatial_dims
-        channels_last = x.movedim(channel_axis, -1)
-        rows = channels_last.reshape(-1, self.groups, self.group_channels).to(self.A.dtype)
-        product, detached_product = SharedProduct.apply(rows, self.A)
-        denoised = (self.c3 * rows - self.c1 * product).to(x.dtype)
-        s, r = self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar
-        mean = torch.add(self.constant(), self._loss_rows(detached_product.reshape(-1, self.channels)), alpha=s)
-        self._queue_loss(expected_loss(mean, residual_variance(self.A, r), self.loss_type))
-        return denoised.reshape(channels_last.shape).movedim(-1, channel_axis)
-
-    def _queue_loss(self, loss: torch.Tensor) -> None:
+    def queue_loss(self, loss: torch.Tensor, scale: float = 1.0) -> None:
+        """Keep a forward's noise loss, ``scale`` · ``loss``, for `denoise_loss` (which sums all of a
+        model's in one product: the scales are applied there, not here)."""
         if len(self._pending_losses) >= MAX_PENDING_LOSSES:
             self._pending_losses.pop(0)
             if not self._warned_uncollected:
@@ -258,31 +294,88 @@ class LayerDenoiser(nn.Module):
                     f"{MAX_PENDING_LOSSES} training forwards ran without denoiserep.denoise_loss(model) being "
                     "called; the oldest noise losses are being dropped. Call denoise_loss(model) after each "
                     "forward (or put the model in eval mode / freeze the denoisers when not training them).",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
                 self._warned_uncollected = True
-        self._pending_losses.append(loss)
+        self._pending_losses.append((loss, scale))
 
     def pop_losses(self) -> list[torch.Tensor]:
+        """The noise losses queued since the last call, each its layer's mean."""
+        return [loss * scale for loss, scale in self.pop_weighted_losses()]
+
+    def pop_weighted_losses(self) -> list[tuple[torch.Tensor, float]]:
+        """(loss, scale) pairs queued since the last call: the losses are ``scale`` · ``loss``."""
         losses, self._pending_losses = self._pending_losses, []
         return losses
+
+    def step_operands(self, params, weight: torch.Tensor | None = None) -> tuple[Matrices, WeightViews | None]:
+        """The views of the denoiser's matrices and of the layer's W that a training step uses, kept
+        across steps: they stay valid while the tensors keep their storage (and a W its values, for
+        its kernel sum), which is what the keys check. Inside torch.compile they are formed anew."""
+        if torch.compiler.is_compiling():
+            return Matrices(self.form, params), None if weight is None else WeightViews(weight, self.groups)
+        cache = _STEP_OPERANDS.setdefault(self, {})
+        key = tuple(p.data_ptr() for p in params) + (params[0].dtype,)
+        if cache.get("matrices_key") != key:
+            cache.update(matrices_key=key, matrices=Matrices(self.form, params))
+        if weight is None:
+            return cache["matrices"], None
+        weight_key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+        if weight.requires_grad or cache.get("weight_key") != weight_key:
+            views = WeightViews(weight, self.groups)
+            if weight.requires_grad:
+                return cache["matrices"], views
+            cache.update(weight_key=weight_key, views=views)
+        return cache["matrices"], cache["views"]
+
+    def trains(self) -> bool:
+        """Train mode, gradients on and a trainable parameter: a forward then yields a noise loss."""
+        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}, t={self.timestep}, form={self.form}"
 
 
-def _weight_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A Linear (out, in) or ConvNd (out, in/groups, *k) weight as rows (groups, out/groups · k, in/groups)."""
-    out, d = weight.shape[0], weight.shape[1]
-    kernel = weight[0, 0].numel()
-    per_group = weight.reshape(groups, out // groups, d, kernel)
-    return per_group.transpose(2, 3).reshape(groups, -1, d)
+# -- the converted layer's forward ------------------------------------------------------------------
 
 
-def _weight_from_rows(rows: torch.Tensor, shape: torch.Size, groups: int) -> torch.Tensor:
-    out, d = shape[0], shape[1]
-    per_group = rows.reshape(groups, out // groups, -1, d)
-    return per_group.transpose(2, 3).reshape(shape)
+def run_layer(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the layer's own forward computes, with the given weight and bias."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if type(layer).__name__ == "Conv2dSame":  # timm: pads by the input's size first ("same")
+        from timm.layers.conv2d_same import conv2d_same
+
+        return conv2d_same(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return layer._conv_forward(x, weight, bias)
+
+
+class DenoisedForward:
+    """A converted layer's forward, set on the layer instance (its class's forward is untouched and
+    comes back with `detach`): the layer on W′ and b′, and in training its noise loss queued."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        denoiser: LayerDenoiser = layer.parametrizations.weight[0]
+        weight, bias = layer.parametrizations.weight.original, layer.bias
+        if not denoiser.enabled:
+            return run_layer(layer, x, weight, bias)
+        if not denoiser.trains():
+            # Eval, or frozen denoisers (the alternating schedule's backbone phase): W′ from the
+            # parametrization (cached inside `parametrize.cached()`), with autograd where it is on.
+            return run_layer(layer, x, layer.weight, denoiser.shifted_bias(weight, bias))
+        params = denoiser.matrix_parameters()
+        noise = denoiser.noise if denoiser.sample_noise else None
+        # Under `noise_loss_only` only the noise loss carries gradients: W′ and b′ go in as constants.
+        task = not denoiser.noise_loss_only
+        path = "input" if task and denoiser.prefers_input_path(x, weight) else "weight"
+        out, fused_bias, loss = LayerStep.apply(denoiser, path, task, x, weight, bias, noise, denoiser.e, denoiser.a,
+                                                *params)
+        denoiser.queue_loss(loss, 1.0 / denoiser.loss_elements(x))
+        return run_layer(layer, out, weight, fused_bias) if path == "input" else run_layer(layer, x, out, fused_bias)
 
 
 def reference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -317,49 +410,36 @@ def denoiser_of(layer: nn.Module) -> LayerDenoiser | None:
     return None
 
 
+# The per-step views of each denoiser (`LayerDenoiser.step_operands`), outside the module so that
+# copies and checkpoints of it do not carry them.
+_STEP_OPERANDS: "weakref.WeakKeyDictionary[LayerDenoiser, dict]" = weakref.WeakKeyDictionary()
+
 # Forwards whose noise losses may wait for a `denoise_loss` call (gradient accumulation);
 # beyond that the oldest are dropped, so a loop that never collects them cannot leak graphs.
 MAX_PENDING_LOSSES = 64
 
 
-def denoise_pre_hook(layer: nn.Module, args: tuple) -> tuple | None:
-    """While the denoiser trains (train mode, grads on): queue the noise loss, and on the input
-    path hand the layer its denoised input."""
-    denoiser = denoiser_of(layer)
-    if not (denoiser.enabled and denoiser.training and torch.is_grad_enabled()
-            and any(p.requires_grad for p in denoiser.parameters())):
-        return None
-    x = args[0]
-    if not denoiser.noise_loss_only and denoiser.prefers_input_path(x, layer.parametrizations.weight.original):
-        denoised = denoiser.denoise_input(x)
-        denoiser._input_path_call = True
-        return (denoised, *args[1:])
-    denoiser._queue_loss(denoiser.noise_loss(x))
-    return None
+# Changes of module trees: every registration of a submodule anywhere (torch's global registration
+# hook) and every `detach` (which precedes removing a parametrization). `convert.loss_modules` caches
+# a model's denoisers per generation, so a training step does not search the model for them.
+TREE = {"generation": 0}
 
 
-def bias_shift_hook(layer: nn.Module, args: tuple, output: torch.Tensor | None) -> torch.Tensor | None:
-    """Add the denoiser's constant term; ``W′`` (or the denoised input) did the rest. Runs even when
-    the layer's forward raised (``output`` is then None), to end an input-path call."""
-    denoiser = denoiser_of(layer)
-    denoiser._input_path_call = False
-    if output is None or not denoiser.enabled:
-        return None
-    with torch.no_grad() if denoiser.noise_loss_only else contextlib.nullcontext():
-        shift = denoiser.bias_shift(layer.parametrizations.weight.original)
-    return output + shift.reshape(-1, *([1] * denoiser.spatial_dims)).to(output.dtype)
+def _tree_changed(*_) -> None:
+    TREE["generation"] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_tree_changed)
 
 
 def attach(layer: nn.Module, denoiser: LayerDenoiser) -> None:
     """Make ``layer`` compute the denoised path (train) / the fused-equivalent path (eval)."""
     torch.nn.utils.parametrize.register_parametrization(layer, "weight", denoiser)
-    layer.register_forward_pre_hook(denoise_pre_hook)
-    layer.register_forward_hook(bias_shift_hook, always_call=True)
+    layer.forward = DenoisedForward(layer)
 
 
 def detach(layer: nn.Module) -> None:
-    """Remove the hooks that `attach` registered (the parametrization is removed by the caller)."""
-    for hooks, hook in ((layer._forward_pre_hooks, denoise_pre_hook), (layer._forward_hooks, bias_shift_hook)):
-        for key in [k for k, fn in hooks.items() if fn is hook]:
-            del hooks[key]
-            layer._forward_hooks_always_called.pop(key, None)
+    """Give the layer back its class's forward (the parametrization is removed by the caller)."""
+    if isinstance(layer.__dict__.get("forward"), DenoisedForward):
+        del layer.forward
+    _tree_changed()

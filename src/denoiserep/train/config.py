@@ -69,8 +69,9 @@ class TrainConfig:
     denoise_init: str = "calibrate"
     calibrate_batches: int = 100
     # Calibration passes: each later pass refits every layer to the inputs the earlier layers'
-    # calibrated denoisers produce (`denoiserep.calibrate(passes=...)`).
-    calibrate_passes: int = 1
+    # calibrated denoisers produce; "auto" adds passes while a layer would end above its starting
+    # loss on the held-out batches (`denoiserep.calibrate(passes=...)`).
+    calibrate_passes: int | str = "auto"
     denoise: dict = field(default_factory=dict)  # DenoiseConfig fields
     head_steps: int = 10  # DenoiseRep⁻ reverse steps
     # run
@@ -98,10 +99,12 @@ class TrainConfig:
         if self.denoise_init not in DENOISE_INITS:
             raise ValueError(f"--denoise-init must be one of {', '.join(DENOISE_INITS)}, got {self.denoise_init!r}")
         for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps", "calibrate_batches",
-                     "calibrate_passes", "image_size", "threads", "workers", "crop_size", "slide_stride"):
+                     "image_size", "threads", "workers", "crop_size", "slide_stride"):
             value, lowest = getattr(self, name), 0 if name in ("epochs", "extra_epochs", "workers") else 1
             if value is not None and value < lowest:
                 raise ValueError(f"{name} must be {'≥ 0' if lowest == 0 else 'positive'}, got {value}")
+        if self.calibrate_passes != "auto" and self.calibrate_passes < 1:
+            raise ValueError(f"calibrate_passes must be 'auto' or >= 1, got {self.calibrate_passes}")
         if self.alternate_every is not None and self.alternate_every < 1:
             raise ValueError(f"alternate_every must be >= 1 epoch, got {self.alternate_every}")
         _check_ranges(self)
@@ -157,6 +160,7 @@ _CHECKS = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "dict": (lambda v: isinstance(v, dict), "a mapping (YAML) / JSON object"),
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "int | str": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)), "'auto' or an integer"),
 }
 
 

@@ -27,6 +27,9 @@ class EpochSettings:
     grad_clip: float | None = None
     stage: str = "train"
     show_progress: bool = True
+    # Steps between reads of the losses on the host (each read waits for the device): finiteness is
+    # checked, and the progress bar updated, this often and at the end of the epoch.
+    check_every: int = 50
 
 
 def train_one_epoch(
@@ -49,12 +52,16 @@ def train_one_epoch(
     (`Task.noise_forward`). With ``extra_loader`` (unlabeled images), every step also runs the
     model on one extra batch and adds that batch's noise loss to the denoise term: the label-free
     loss on merged datasets. The task loss is skipped entirely when λ = 1 (label-free).
+
+    The losses stay on the device: a step never waits for it. Every ``settings.check_every`` steps
+    and at the end the sums are read, and a non-finite loss stops the epoch (the stage's last
+    checkpoint, from the epoch before, is kept).
     """
     model.train()  # BatchNorms of a backbone frozen by `set_trainable` keep their statistics (eval mode)
     lam, device = settings.lam, settings.device
     extra_batches = itertools.cycle(extra_loader) if extra_loader is not None else None
-    sums: dict[str, float] = {"loss": 0.0, "task_loss": 0.0, "denoise_loss": 0.0}
-    steps = samples = 0
+    sums: dict[str, torch.Tensor] = {}
+    steps = samples = checked = 0
     start = time.perf_counter()
     # Step bars only on a terminal (disable=None); logs get one line per epoch from the stage.
     bar = tqdm(loader, desc=f"{settings.stage} epoch {epoch + 1}", leave=False,
@@ -77,11 +84,6 @@ def train_one_epoch(
                     task.noise_forward(model, extra_inputs)
                 denoise = denoise + denoise_loss(model)
             loss = (1.0 - lam) * task_loss + lam * denoise if lam > 0 else task_loss
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} in stage '{settings.stage}' at epoch {epoch}, step {steps} "
-                f"(task {task_loss.item():.4g}, denoise {denoise.item():.4g})"
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip:
@@ -96,13 +98,32 @@ def train_one_epoch(
             ema.update(model, step=num_updates)
         steps += 1
         samples += len(batch[0])
-        for key, value in (("loss", loss.item()), ("task_loss", task_loss.item()), ("denoise_loss", denoise.item()),
-                           *parts.items()):
-            sums[key] = sums.get(key, 0.0) + float(value)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        for key, value in (("loss", loss), ("task_loss", task_loss), ("denoise_loss", denoise), *parts.items()):
+            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            sums[key] = value.clone() if key not in sums else sums[key].add_(value.to(sums[key].device))
+        if steps - checked == settings.check_every:
+            _check_finite(sums, settings, epoch, checked, steps)
+            bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}")
+            checked = steps
+    if steps > checked:
+        _check_finite(sums, settings, epoch, checked, steps)
     elapsed = time.perf_counter() - start
-    means = {k: v / max(steps, 1) for k, v in sums.items()}
+    means = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+    means.setdefault("loss", 0.0)
+    means.setdefault("task_loss", 0.0)
+    means.setdefault("denoise_loss", 0.0)
     means["samples_per_s"] = samples / elapsed if elapsed > 0 else 0.0
     means["lr"] = optimizer.param_groups[0]["lr"]
     return means, num_updates
 
+
+def _check_finite(sums: dict[str, torch.Tensor], settings: EpochSettings, epoch: int, first: int, last: int) -> None:
+    """One read of the summed losses on the host: NaN or inf anywhere since the epoch began stops it."""
+    values = {key: float(value) for key, value in sums.items()}
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    where = f"step {last}" if last - first == 1 else f"steps {first + 1}–{last}"
+    raise NonFiniteLossError(
+        f"the loss became non-finite in stage '{settings.stage}' at epoch {epoch + 1}, {where} (summed over the "
+        f"epoch: loss {values['loss']:.4g}, task {values['task_loss']:.4g}, denoise {values['denoise_loss']:.4g})"
+    )

@@ -1,0 +1,658 @@
+"""One converted layer's training forward as a single autograd Function, its backward written out.
+
+For a layer ``y = layer(x; W, b)`` with denoiser ``D(x) = A x + c`` (``c = A e + a``; A full, or
+``diag + U V``) at timestep t (s = √ᾱ_t, r = √(1−ᾱ_t)), a training forward computes
+
+    weight path:  W′ = c3 W − c1 W A,   b′ = b + W u   (u = −c1 c + σ z),   y = layer(x; W′, b′)
+    input path:   x̂ = c3 x − c1 A x,    b′ as above,                        y = layer(x̂; W, b′)
+    noise loss:   mean |ε − (A x_t + c)|  on x.detach(), x_t = s x + r ε   (L1, L2 or L1+L2;
+                  one ε per position, or the exact expectation over ε: `denoiserep.noise_loss`)
+
+`LayerStep` returns (W′ or x̂, b′, the noise loss); the layer then runs on them under autograd as
+usual. Its backward forms each denoiser parameter's gradient once, accumulating the noise loss's,
+the task path's (through W′ or x̂ and b′) and c's contributions in place, one product per
+contribution and no einsum, so that a step dispatches few operators: on a GPU, where these small
+operators are launch-bound, their number is what a step costs (docs/architecture.md gives the budget
+per layer). `LossStep` is the noise loss alone (label-free training, `LayerDenoiser.noise_loss`).
+
+Layouts: a Linear's input is handled as rows (positions × channels) and A as a matrix (``mm``); a
+ConvNd's input stays channels-first and A acts as a 1 × 1 convolution with the layer's groups, whose
+weight gradient is one ``convolution_backward``. The parametrization (`LayerDenoiser.forward`) uses
+the same `fused_weight`, so eval and `fuse` use exactly the training forward's W′.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class Matrices:
+    """The denoiser's matrix parameters and the views of them a step uses: A (groups, d, d), or diag
+    (groups, d), U (groups, d, r), V (groups, r, d); with one group also as plain matrices, and as
+    1 × 1 convolution kernels. Views are formed on first use; `LayerDenoiser.step_operands` keeps
+    them across steps (they stay valid while the parameters keep their storage)."""
+
+    def __init__(self, form: str, params):
+        self.form, self.params = form, params
+        self.groups = params[0].shape[0]
+        self._kernels: dict[tuple[int, int], torch.Tensor] = {}
+        if form == "full":
+            self.A = params[0]
+        else:
+            self.diag, self.U, self.V = params
+
+    @functools.cached_property
+    def A2(self) -> torch.Tensor:
+        return self.A.view(self.A.shape[1:])
+
+    @functools.cached_property
+    def A2t(self) -> torch.Tensor:
+        return self.A2.t()
+
+    @functools.cached_property
+    def flat(self) -> torch.Tensor:
+        return self.A.view(-1)
+
+    def kernel(self, index: int, matrix: torch.Tensor, unit: list[int]) -> torch.Tensor:
+        """(groups, out, in) blocks as a grouped 1 × 1 convolution weight."""
+        key = (index, len(unit))
+        if key not in self._kernels:
+            self._kernels[key] = matrix.reshape(-1, matrix.shape[-1], *unit)
+        return self._kernels[key]
+
+    def dense(self) -> torch.Tensor:
+        return self.A if self.form == "full" else torch.diag_embed(self.diag) + self.U @ self.V
+
+    @functools.cached_property
+    def zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=self.params[0].dtype, device=self.params[0].device)
+
+    @functools.cached_property
+    def eye(self) -> torch.Tensor:
+        d = self.params[0].shape[1]
+        return torch.eye(d, dtype=self.params[0].dtype, device=self.params[0].device)
+
+    @property
+    def plain(self) -> bool:
+        """Full rank with one group: A and its gradient are handled as one (d, d) matrix."""
+        return self.form == "full" and self.groups == 1
+
+    def residual(self, r: float) -> torch.Tensor:
+        """I − r A per group, (groups, d, d), or (d, d) for `plain`."""
+        return torch.add(self.eye, self.A2 if self.plain else self.dense(), alpha=-r)
+
+
+class WeightViews:
+    """The layer's W as a step uses it: one (out, d) matrix where it is one (a Linear, an ungrouped
+    1 × 1 convolution), its sum over the kernel positions, and their transposes. A frozen W's are kept
+    across steps (`LayerDenoiser.step_operands`), the kernel sum only while W is unchanged."""
+
+    def __init__(self, weight: torch.Tensor, groups: int):
+        self.weight, self.groups = weight, groups
+        self.kernel_positions = math.prod(weight.shape[2:])
+        self.one_matrix = groups == 1 and self.kernel_positions == 1
+        out, d = weight.shape[0], weight.shape[1]
+        self.matrix = (weight if weight.ndim == 2 else weight.view(out, d)) if self.one_matrix else None
+        self.sum = self.matrix if self.one_matrix else kernel_sum(weight)
+
+    @functools.cached_property
+    def matrix_t(self) -> torch.Tensor:
+        return self.matrix.t()
+
+    @functools.cached_property
+    def sum_t(self) -> torch.Tensor:
+        return self.sum.t()
+
+
+# -- A at every position of the layer's input -----------------------------------------------------
+
+
+class Pointwise:
+    """A (or its factors) applied at every position of a tensor: rows (M, C), or channels-first
+    (N, C, *spatial) with A as a grouped 1 × 1 convolution."""
+
+    def __init__(self, groups: int, group_channels: int, spatial_dims: int):
+        self.groups, self.d = groups, group_channels
+        self.channels = groups * group_channels
+        self.spatial_dims = spatial_dims
+        self.conv = _CONVOLUTIONS.get(spatial_dims)  # None: rows
+        self.unit = [1] * spatial_dims
+
+    def positions(self, t: torch.Tensor) -> int:
+        return t.numel() // self.channels
+
+    def sum_positions(self, t: torch.Tensor) -> torch.Tensor:
+        """Σ over positions: (channels,)."""
+        return t.sum(0) if self.conv is None else t.sum(dim=[0, *range(2, t.ndim)])
+
+    def broadcast(self, vector: torch.Tensor) -> torch.Tensor:
+        """A (channels,) vector shaped to broadcast against this layout."""
+        return vector if self.conv is None else vector.view(-1, *self.unit)
+
+    def _product(self, mats: Matrices, index: int, matrix: torch.Tensor, t, bias=None, transposed=None):
+        """matrix t (+ bias) per group; rows only with one group (``transposed``: matrixᵀ in 2-D)."""
+        if self.conv is None:
+            right = transposed if transposed is not None else matrix[0].t()
+            return torch.mm(t, right) if bias is None else torch.addmm(bias, t, right)
+        return self.conv(t, mats.kernel(index, matrix, self.unit), bias, groups=self.groups)
+
+    def _product_grad(self, mats: Matrices, index: int, matrix: torch.Tensor, grad: torch.Tensor, t,
+                      need_input: bool, need_matrix: bool = True, plain=None):
+        """For p = matrix t, from ∂/∂p: (∂/∂t or None, ∂/∂matrix (2-D for rows, else the kernel's shape))."""
+        if self.conv is None:
+            grad_t = torch.mm(grad, plain if plain is not None else matrix[0]) if need_input else None
+            return grad_t, torch.mm(grad.t(), t) if need_matrix else None
+        n = self.spatial_dims
+        # convolution_backward is not an autocast op: run it in the dtype autocast gave the forward.
+        device = grad.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else _wider(grad.dtype, t.dtype)
+        kernel = mats.kernel(index, matrix, self.unit)
+        grad_t, grad_kernel, _ = torch.ops.aten.convolution_backward(
+            grad.to(dtype), t.to(dtype), kernel.to(dtype), None, [1] * n, [0] * n, [1] * n, False, [0] * n,
+            self.groups, [need_input, need_matrix, False])
+        return grad_t, grad_kernel
+
+    def apply(self, mats: Matrices, t: torch.Tensor, bias: torch.Tensor | None = None):
+        """(A t + bias, what `apply_grad` needs besides t)."""
+        if mats.form == "full":
+            return self._product(mats, 0, mats.A, t, bias, mats.A2t if self.conv is None else None), None
+        projected = self._product(mats, 2, mats.V, t)  # V t
+        out = self._product(mats, 1, mats.U, projected, bias)
+        return out.addcmul_(t, self.broadcast(mats.diag.view(-1))), projected
+
+    def apply_grad(self, mats: Matrices, t: torch.Tensor, saved, grad: torch.Tensor) -> list[torch.Tensor]:
+        """The matrix parameters' gradients (in their shapes) from ∂/∂(A t)."""
+        if mats.form == "full":
+            grad_matrix = self._product_grad(mats, 0, mats.A, grad, t, False)[1]
+            return [grad_matrix if self.conv is None else grad_matrix.view(mats.A2.shape if mats.plain else mats.A.shape)]
+        grad_projected, grad_u = self._product_grad(mats, 1, mats.U, grad, saved, True)
+        grad_v = self._product_grad(mats, 2, mats.V, grad_projected, t, False)[1]
+        return [self.sum_positions(grad * t).view(mats.diag.shape), grad_u.view(mats.U.shape),
+                grad_v.view(mats.V.shape)]
+
+    def add_apply_grad(self, mats: Matrices, t: torch.Tensor, grad: torch.Tensor, grads: list) -> None:
+        """∂A += Σ over positions ∂(A t) tᵀ, in place; full rank."""
+        if self.conv is None:
+            grads[0].addmm_(grad.t(), t)
+        else:
+            grads[0].add_(self._product_grad(mats, 0, mats.A, grad, t, False)[1].view(grads[0].shape))
+
+    def denoised_input_grad(self, mats: Matrices, grad: torch.Tensor, t: torch.Tensor, c1: float,
+                            c3: float) -> torch.Tensor:
+        """∂/∂t of c3 t − c1 A t applied to g: c3 g − c1 Aᵀ g (full rank)."""
+        if self.conv is None:
+            return torch.addmm(grad, grad, mats.A2, beta=c3, alpha=-c1)
+        into = self._product_grad(mats, 0, mats.A, grad, t, True, need_matrix=False)[0]
+        return into.mul_(-c1).add_(grad, alpha=c3)
+
+    def gram(self, mats: Matrices, t: torch.Tensor) -> torch.Tensor:
+        """Σ over positions of t tᵀ per group: (groups, d, d)."""
+        if self.conv is None:
+            return torch.mm(t.t(), t).unsqueeze(0)
+        return self._product_grad(mats, 0, mats.A, t, t, False)[1].view(self.groups, self.d, self.d)
+
+    def to_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(M, C): positions as rows, channels last."""
+        return t if self.conv is None else t.movedim(1, -1).reshape(-1, self.channels)
+
+
+# -- the denoiser as a matrix: c = A e + a, Aᵀ v, I − r A ------------------------------------------
+
+
+def _matrix_vector(mats: Matrices, vector: torch.Tensor, *, bias: torch.Tensor | None = None,
+                   transpose: bool = False, scale: float = 1.0) -> torch.Tensor:
+    """scale · A v + bias, or Aᵀ v, per group, for (channels,) vectors."""
+    g = mats.groups
+    if mats.form == "full":
+        if g == 1:
+            matrix = mats.A2t if transpose else mats.A2
+            return torch.mv(matrix, vector) if bias is None else torch.addmv(bias, matrix, vector, alpha=scale)
+        matrix = mats.A.mT if transpose else mats.A
+        column = vector.view(g, -1, 1)
+        if bias is None:
+            return torch.bmm(matrix, column).view(-1)
+        return torch.baddbmm(bias.view(g, -1, 1), matrix, column, alpha=scale).view(-1)
+    column = vector.view(g, -1, 1)
+    if transpose:
+        low = torch.bmm(mats.V.mT, torch.bmm(mats.U.mT, column))
+    else:
+        low = torch.bmm(mats.U, torch.bmm(mats.V, column))
+    out = low.view(-1).addcmul_(mats.diag.view(-1), vector)
+    return out if bias is None else out.mul_(scale).add_(bias)
+
+
+def constant(mats: Matrices, e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """c = A e + a."""
+    return _matrix_vector(mats, e, bias=a)
+
+
+def add_constant_grad(mats: Matrices, e: torch.Tensor, grad_c: torch.Tensor, grads: list) -> torch.Tensor:
+    """c = A e + a: ∂A (or its factors) += ∂c eᵀ in place; returns ∂e = Aᵀ ∂c (∂a is ∂c)."""
+    g = mats.groups
+    if mats.form == "full":
+        if g == 1:
+            grads[0].addr_(grad_c, e)
+        else:
+            grads[0].baddbmm_(grad_c.view(g, -1, 1), e.view(g, 1, -1))
+    else:
+        gc, ev = grad_c.view(g, -1, 1), e.view(g, 1, -1)
+        dtype = grads[1].dtype  # the small products below may come out of autocast in bf16
+        grads[0].addcmul_(grad_c.view(mats.diag.shape), e.view(mats.diag.shape))
+        grads[1].baddbmm_(gc, torch.bmm(mats.V, ev.mT).mT.to(dtype))
+        grads[2].baddbmm_(torch.bmm(mats.U.mT, gc).to(dtype), ev)
+    return _matrix_vector(mats, grad_c, transpose=True)
+
+
+def dense_grad(mats: Matrices, grad_dense: torch.Tensor) -> list[torch.Tensor]:
+    """The matrix parameters' gradients from ∂/∂A (A dense, per group)."""
+    if mats.form == "full":
+        return [grad_dense]
+    return [torch.diagonal(grad_dense, dim1=-2, dim2=-1).clone(), grad_dense @ mats.V.mT, mats.U.mT @ grad_dense]
+
+
+# -- W′ = c3 W − c1 W A and b′ = b + W u ------------------------------------------------------------
+
+
+def _weight_rows(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A ConvNd (out, in/groups, *k) weight as rows (groups, out/groups · k, in/groups)."""
+    out, d = weight.shape[0], weight.shape[1]
+    return weight.reshape(groups, out // groups, d, -1).transpose(2, 3).reshape(groups, -1, d)
+
+
+def _weight_from_rows(rows: torch.Tensor, shape: torch.Size, groups: int) -> torch.Tensor:
+    out, d = shape[0], shape[1]
+    return rows.reshape(groups, out // groups, -1, d).transpose(2, 3).reshape(shape)
+
+
+def fused_weight(groups: int, weight: torch.Tensor, form: str, params, c1: float, c3: float,
+                 mats: Matrices | None = None, views: WeightViews | None = None) -> torch.Tensor:
+    """W′ = W (c3 I − c1 A) per conv group, in W's layout and dtype."""
+    if mats is None or params[0].dtype != weight.dtype:
+        mats = Matrices(form, [p.to(weight.dtype) for p in params])
+    views = views or WeightViews(weight, groups)
+    if views.one_matrix:  # one matrix product
+        rows = views.matrix
+        if form == "full":
+            fused = torch.addmm(rows, rows, mats.A2, beta=c3, alpha=-c1)
+        else:
+            diag, u, v = mats.diag[0], mats.U[0], mats.V[0]
+            fused = torch.addmm(rows * torch.rsub(diag, c3, alpha=c1), torch.mm(rows, u), v, alpha=-c1)
+        return fused if weight.ndim == 2 else fused.view(weight.shape)
+    if groups == 1 and form == "full":
+        # W's input channels contract with A as a 1 × 1 convolution over W itself (batch: its
+        # outputs, spatial: its kernel): conv(W, Aᵀ)[o, j, k] = Σ_i A[i, j] W[o, i, k].
+        mixed = _CONVOLUTIONS[weight.ndim - 2](weight, mats.A2t.view(*mats.A2t.shape, *[1] * (weight.ndim - 2)))
+        return mixed.mul_(-c1).add_(weight, alpha=c3)
+    rows = _weight_rows(weight, groups)
+    if form == "full":
+        fused = torch.baddbmm(rows, rows, mats.A, beta=c3, alpha=-c1)
+    else:
+        scaled = rows * torch.rsub(mats.diag, c3, alpha=c1).unsqueeze(1)
+        fused = torch.baddbmm(scaled, rows @ mats.U, mats.V, alpha=-c1)
+    return _weight_from_rows(fused, weight.shape, groups)
+
+
+def add_fused_weight_grad(groups: int, weight: torch.Tensor, mats: Matrices, c1: float, c3: float,
+                          grad: torch.Tensor, grads: list, need_weight: bool,
+                          views: WeightViews) -> torch.Tensor | None:
+    """From ∂/∂W′: the matrix parameters' gradients added in place (∂A += −c1 Wᵀ ∂W′ per group);
+    returns ∂/∂W (c3 ∂W′ − c1 ∂W′ Aᵀ) when ``need_weight``."""
+    grad = grad.to(weight.dtype)
+    if views.one_matrix:
+        grad_rows = grad if grad.ndim == 2 else grad.view(views.matrix.shape)
+        if mats.form == "full":
+            grads[0].addmm_(views.matrix_t, grad_rows, alpha=-c1)
+        else:
+            cross = torch.mm(views.matrix_t, grad_rows).mul_(-c1)
+            for index, value in enumerate(dense_grad(mats, cross.unsqueeze(0))):
+                grads[index].add_(value.to(grads[index].dtype))
+        if not need_weight:
+            return None
+        return torch.addmm(grad_rows, grad_rows, mats.dense()[0].t(), beta=c3, alpha=-c1).view(weight.shape)
+    if groups == 1 and mats.form == "full":
+        n = weight.ndim - 2
+        grad_weight, grad_kernel, _ = torch.ops.aten.convolution_backward(
+            grad, weight, mats.A2t.view(*mats.A2t.shape, *[1] * n), None, [1] * n, [0] * n, [1] * n, False,
+            [0] * n, 1, [need_weight, True, False])
+        grads[0].add_(grad_kernel.view(mats.A2.shape).t(), alpha=-c1)
+        return grad_weight.mul_(-c1).add_(grad, alpha=c3) if need_weight else None
+    rows, grad_rows = _weight_rows(weight, groups), _weight_rows(grad, groups)
+    if mats.form == "full":
+        grads[0].baddbmm_(rows.mT, grad_rows, alpha=-c1)
+    else:
+        for index, value in enumerate(dense_grad(mats, torch.bmm(rows.mT, grad_rows).mul_(-c1))):
+            grads[index].add_(value.to(grads[index].dtype))
+    if not need_weight:
+        return None
+    return _weight_from_rows(torch.baddbmm(grad_rows, grad_rows, mats.dense().mT, beta=c3, alpha=-c1), weight.shape,
+                             groups)
+
+
+def kernel_sum(weight: torch.Tensor) -> torch.Tensor:
+    """W summed over its kernel positions: (out, d)."""
+    if weight.ndim == 2:
+        return weight
+    if math.prod(weight.shape[2:]) == 1:
+        return weight.view(weight.shape[0], weight.shape[1])
+    return weight.sum(dim=list(range(2, weight.ndim)))
+
+
+def shifted_bias(weight_sum: torch.Tensor, bias: torch.Tensor | None, vector: torch.Tensor, groups: int,
+                 scale: float, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """b′ = b + scale · Σ_k W[:, :, k] v, per group (v: (channels,); ``zero``: a 0-dim zero to stand in
+    for a missing b in one ``addmv``)."""
+    vector = vector.to(weight_sum.dtype)
+    if groups == 1:
+        if bias is None:
+            if zero is not None and zero.dtype == weight_sum.dtype:
+                return torch.addmv(zero, weight_sum, vector, beta=0, alpha=scale)
+            return torch.mv(weight_sum, vector).mul_(scale)
+        return torch.addmv(bias, weight_sum, vector, alpha=scale)
+    out = weight_sum.shape[0]
+    product = torch.bmm(weight_sum.view(groups, out // groups, -1), vector.view(groups, -1, 1)).view(out)
+    return product.mul_(scale) if bias is None else torch.add(bias, product, alpha=scale)
+
+
+def add_shifted_bias_grad(views: WeightViews, grad: torch.Tensor, groups: int, scale: float,
+                          grad_c: torch.Tensor | None) -> torch.Tensor:
+    """grad_c + scale · Σ_k W[:, :, k]ᵀ ∂b′ per group (in place when grad_c is given)."""
+    grad = grad.to(views.sum.dtype)
+    if groups == 1:
+        if grad_c is None:
+            return torch.mv(views.sum_t, grad).mul_(scale)
+        return grad_c.addmv_(views.sum_t, grad.to(grad_c.dtype), alpha=scale)
+    out = views.sum.shape[0]
+    product = torch.bmm(views.sum.view(groups, out // groups, -1).mT, grad.view(groups, -1, 1)).view(-1)
+    return product.mul_(scale) if grad_c is None else grad_c.add_(product, alpha=scale)
+
+
+# -- the noise losses: value and state, then (∂c, the parameters' gradients) -------------------------
+
+
+def _wider(first: torch.dtype, second: torch.dtype) -> torch.dtype:
+    """The more precise of two floating dtypes (without dispatching ``torch.promote_types``)."""
+    if first == second:
+        return first
+    return max(first, second, key=lambda dtype: torch.finfo(dtype).bits + (dtype == torch.float16))
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    """float32 at least for sums over many elements (bf16 / fp16 under autocast)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _sampled(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, loss_type: str):
+    scaled_noise = torch.normal(0.0, r, rows.shape, dtype=rows.dtype, device=rows.device)  # r ε
+    noisy = torch.add(scaled_noise, rows, alpha=s)  # x_t = s x + r ε
+    predicted, saved = pointwise.apply(mats, noisy, c.to(noisy.dtype))
+    residuals = _as_float(predicted.sub_(scaled_noise, alpha=1.0 / r))  # A x_t + c − ε
+    if loss_type == "l1":
+        value = torch.linalg.vector_norm(residuals, 1)
+    else:
+        value = torch.linalg.vector_norm(residuals).square()
+        if loss_type == "l1+l2":
+            value = value + torch.linalg.vector_norm(residuals, 1)
+    return value, ("sampled", residuals, noisy, saved)
+
+
+def _sampled_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tensor, loss_type: str):
+    _, residuals, noisy, saved = state
+    scale = grad
+    if loss_type == "l1":
+        grad_residuals = torch.sign(residuals).mul_(scale)
+    elif loss_type == "l2":
+        grad_residuals = residuals.mul(scale * 2)
+    else:
+        grad_residuals = torch.sign(residuals).add_(residuals, alpha=2.0).mul_(scale)
+    grad_residuals = grad_residuals.to(noisy.dtype)
+    return pointwise.sum_positions(grad_residuals), pointwise.apply_grad(mats, noisy, saved, grad_residuals)
+
+
+def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, loss_type: str, product=None):
+    """Exact expectation over ε from each position's mean m = s A x + c and the channels' variance
+    v_j = ‖row j of (I − r A)‖² (``product``: A x, when the input path has it already)."""
+    saved = None
+    if product is None:
+        product, saved = pointwise.apply(mats, rows)
+    mean = _as_float(torch.add(pointwise.broadcast(c.to(product.dtype)), product, alpha=s))
+    res = mats.residual(r)
+    count = mean.numel()
+    positions = count // pointwise.channels
+    state = {"kind": "per_position", "res": res, "count": count, "saved": saved, "rows": rows, "mean": mean}
+    value = None
+    if loss_type in ("l2", "l1+l2"):  # M Σ_j v_j + Σ m², with Σ_j v_j = ‖I − r A‖²_F
+        norm = torch.linalg.vector_norm(res).to(mean.dtype)
+        value = torch.addcmul(torch.linalg.vector_norm(mean).square(), norm, norm, value=positions)
+    if loss_type in ("l1", "l1+l2"):
+        sigma = res.square().sum(-1).view(-1).to(mean.dtype).clamp_min_(1e-12).sqrt_()
+        z = mean / pointwise.broadcast(sigma)
+        gauss = z.square().mul_(-0.5).exp_()
+        erf = z.mul_(math.sqrt(0.5)).erf_()
+        gauss_sum = pointwise.sum_positions(gauss)
+        l1 = torch.vdot(mean.reshape(-1), erf.reshape(-1)).add_(torch.dot(gauss_sum, sigma), alpha=math.sqrt(2 / math.pi))
+        value = l1 if value is None else value.add_(l1)
+        state.update(erf=erf, gauss_sum=gauss_sum, sigma=sigma)
+    return value, state
+
+
+def _per_position_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tensor, s: float, r: float,
+                       loss_type: str, product_grad: bool = False):
+    """(∂c, the parameters' gradients, ∂/∂(A x) if ``product_grad`` (then not yet in the parameters'))."""
+    count, res, mean = state["count"], state["res"], state["mean"]
+    scale = grad
+    groups = pointwise.groups
+    if loss_type == "l2":
+        grad_mean = mean.mul(scale * 2)
+        grad_res = res.mul(scale * (-2 * r * (count // pointwise.channels)))  # −r ∂/∂res of M ‖res‖²
+    else:
+        grad_mean = state["erf"].mul(scale)
+        grad_sigma = state["gauss_sum"].mul(scale * math.sqrt(2 / math.pi))  # ∂/∂σ_j
+        # σ_j² = Σ_i res_ji²: ∂/∂res_ji = res_ji ∂σ_j / σ_j; and ∂res/∂A = −r.
+        grad_res = res.mul(grad_sigma.div_(state["sigma"]).mul_(-r).view(*res.shape[:-1], 1).to(res.dtype))
+        if loss_type == "l1+l2":
+            grad_mean.add_(mean.mul(scale * 2))
+            grad_res.add_(res.mul(scale * (-2 * r * (count // pointwise.channels))))
+    grads = dense_grad(mats, grad_res)
+    grad_c = pointwise.sum_positions(grad_mean)
+    grad_product = grad_mean.mul_(s)
+    if product_grad:
+        return grad_c, grads, grad_product
+    rows = state["rows"]
+    for index, value in enumerate(pointwise.apply_grad(mats, rows, state["saved"], grad_product.to(rows.dtype))):
+        grads[index] = grads[index].add_(value.to(grads[index].dtype))
+    return grad_c, grads, None
+
+
+def _gram(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float):
+    """Expected L2 of a full-rank denoiser through the positions' centred Gram matrix S (float32 at
+    least): M (‖I − rA‖² + ‖s A x̄ + c‖²) + s² ⟨A, A S⟩, M d² + d³ instead of 2 M d²."""
+    with torch.autocast(rows.device.type, enabled=False):
+        rows = _as_float(rows)
+        exact = mats if mats.A.dtype == rows.dtype else Matrices("full", [mats.A.to(rows.dtype)])
+        count = pointwise.positions(rows)
+        mean_row = rows.mean(0) if pointwise.conv is None else rows.mean(dim=[0, *range(2, rows.ndim)])
+        gram = pointwise.gram(exact, rows - pointwise.broadcast(mean_row))
+        product = torch.mm(exact.A2, gram.view(exact.A2.shape)) if exact.plain else torch.bmm(exact.A, gram)
+        spread = torch.vdot(exact.flat, product.view(-1))
+        offset = _matrix_vector(exact, mean_row, bias=c.to(rows.dtype), scale=s)  # s A x̄ + c
+        res = exact.residual(r)
+        norms = torch.linalg.vector_norm(res), torch.linalg.vector_norm(offset)
+        value = torch.add(spread, torch.addcmul(norms[1].square(), norms[0], norms[0]), alpha=count / (s * s))
+    return value.mul_(s * s), ("gram", product, offset, res, mean_row, count)
+
+
+def _gram_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tensor, s: float, r: float):
+    _, product, offset, res, mean_row, count = state
+    # ∂/∂A: 2 s² A S − 2 r M (I − rA) + 2 M s (s A x̄ + c) x̄ᵀ; ∂c: 2 M (s A x̄ + c).
+    grad_matrix = torch.add(product, res, alpha=-r * count / (s * s)).mul_(grad * (2 * s * s))
+    grad_offset = offset.mul(grad * (2 * count))
+    g = pointwise.groups
+    if g == 1:
+        grad_matrix.addr_(grad_offset, mean_row, alpha=s)
+    else:
+        grad_matrix.baddbmm_(grad_offset.view(g, -1, 1), mean_row.view(g, 1, -1), alpha=s)
+    return grad_offset, [grad_matrix]
+
+
+def loss_forward(den, mats: Matrices, c, rows, pointwise: Pointwise, product=None):
+    """The denoiser's noise loss on ``rows`` (its layout: ``pointwise``), summed over its elements
+    (positions × channels; the caller divides: `LayerDenoiser.loss_elements`); value (0-dim), state."""
+    s, r = den.sqrt_alpha_bar, den.sqrt_one_minus_alpha_bar
+    if den.estimator == "sampled":
+        return _sampled(pointwise, mats, c, rows, s, r, den.loss_type)
+    if product is None and mats.form == "full" and den.loss_type == "l2" and pointwise.d < pointwise.positions(rows):
+        return _gram(pointwise, mats, c, rows, s, r)
+    return _per_position(pointwise, mats, c, rows, s, r, den.loss_type, product)
+
+
+def loss_backward(den, mats: Matrices, state, pointwise: Pointwise, grad: torch.Tensor, product_grad: bool = False):
+    """(∂c, the matrix parameters' gradients, ∂/∂(A x) for the input path or None)."""
+    s, r = den.sqrt_alpha_bar, den.sqrt_one_minus_alpha_bar
+    kind = state[0] if isinstance(state, tuple) else state["kind"]
+    if kind == "sampled":
+        return (*_sampled_grad(pointwise, mats, state, grad, den.loss_type), None)
+    if kind == "gram":
+        return (*_gram_grad(pointwise, mats, state, grad, s, r), None)
+    return _per_position_grad(pointwise, mats, state, grad, s, r, den.loss_type, product_grad)
+
+
+# -- the Functions ---------------------------------------------------------------------------------
+
+
+def _autocast_state(device: str) -> tuple:
+    return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+
+
+def _in_dtypes(grads: list, params) -> list[torch.Tensor]:
+    return [g.to(p.dtype) for g, p in zip(grads, params)]
+
+
+def _as_parameters(grads: list, params) -> list[torch.Tensor]:
+    """The gradients in the parameters' shapes (a `plain` A's was accumulated as a (d, d) matrix)."""
+    return [g if g is None or g.shape == p.shape else g.view(p.shape) for g, p in zip(grads, params)]
+
+
+class LossStep(torch.autograd.Function):
+    """The noise loss alone, on a layer input x (detached): `LayerDenoiser.noise_loss`, label-free steps."""
+
+    @staticmethod
+    def forward(ctx, den, x, e, a, *params):
+        rows, pointwise = den.loss_positions(x)
+        mats = den.step_operands(params)[0]
+        value, state = loss_forward(den, mats, constant(mats, e, a), rows.to(params[0].dtype), pointwise)
+        ctx.den, ctx.state, ctx.pointwise, ctx.mats = den, state, pointwise, mats
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(e, *params)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        e, *params = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            grad_c, grads, _ = loss_backward(ctx.den, ctx.mats, ctx.state, ctx.pointwise, grad)
+            grads = _in_dtypes(grads, params)
+            grad_c = grad_c.to(e.dtype)
+            grad_e = add_constant_grad(ctx.mats, e, grad_c, grads)
+        return None, None, grad_e, grad_c, *_as_parameters(grads, params)
+
+
+class LayerStep(torch.autograd.Function):
+    """(W′ or x̂, b′, noise loss) of one layer's training forward (``path``: "weight" or "input"; with
+    ``task`` False, as under `noise_loss_only`, W′ and b′ carry no gradient). Inputs after the
+    settings: x, W, b (or None), σ z (or None), e, a, then A (or diag, U, V)."""
+
+    @staticmethod
+    def forward(ctx, den, path: str, task: bool, x, weight, bias, noise, e, a, *params):
+        groups, c1, c3 = den.groups, den.c1, den.c3
+        pointwise = den.pointwise
+        mats, views = den.step_operands(params, weight)
+        c = constant(mats, e, a)
+        if noise is None:
+            bias_prime = shifted_bias(views.sum, bias, c, groups, -c1, mats.zero)
+        else:
+            bias_prime = shifted_bias(views.sum, bias, torch.add(noise, c, alpha=-c1), groups, 1.0, mats.zero)
+        ctx.den, ctx.path, ctx.noise, ctx.mats, ctx.views = den, path, noise, mats, views
+        ctx.autocast = _autocast_state(x.device.type)
+        if path == "weight":
+            out = fused_weight(groups, weight, den.form, params, c1, c3, mats, views)
+            rows, loss_layout = den.loss_positions(x)
+            value, state = loss_forward(den, mats, c, rows.to(params[0].dtype), loss_layout)
+        else:  # full rank, expected estimator: the loss reuses the task path's A x
+            inputs = den.layer_positions(x).to(params[0].dtype)
+            product, _ = pointwise.apply(mats, inputs)
+            out = den.from_layer_positions(product.mul(-c1).add_(inputs, alpha=c3), x).to(x.dtype)
+            shared, loss_layout, index = den.loss_positions_of_product(product)
+            value, state = loss_forward(den, mats, c, None, loss_layout, product=shared)
+            ctx.index = index
+        ctx.state, ctx.loss_layout = state, loss_layout
+        ctx.save_for_backward(x, weight, bias, e, c, *params)
+        ctx.set_materialize_grads(False)  # an output without a gradient arrives as None, not as zeros
+        if not task:
+            ctx.mark_non_differentiable(out, bias_prime)
+        return out, bias_prime, value
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_bias_prime, grad_loss):
+        den, path, mats = ctx.den, ctx.path, ctx.mats
+        groups, c1, c3 = den.groups, den.c1, den.c3
+        pointwise = den.pointwise
+        x, weight, bias, e, c, *params = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[3:6]
+        device, dtype, enabled = ctx.autocast
+        grad_x = grad_weight = grad_bias = None
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            grads = grad_c = grad_product = None
+            if grad_loss is not None:
+                grad_c, grads, loss_product = loss_backward(den, mats, ctx.state, ctx.loss_layout, grad_loss,
+                                                            product_grad=path == "input")
+                grads = _in_dtypes(grads, params)
+                grad_c = grad_c.to(e.dtype)
+                if loss_product is not None:
+                    grad_product = den.product_grad_at_positions(loss_product, ctx.index, x)
+            if grads is None:
+                grads = [torch.zeros(mats.A2.shape if mats.plain and i == 0 else p.shape, dtype=p.dtype,
+                                     device=p.device) for i, p in enumerate(params)]
+            if grad_bias_prime is not None:
+                grad_c = add_shifted_bias_grad(ctx.views, grad_bias_prime, groups, -c1, grad_c)
+                if need_bias:
+                    grad_bias = grad_bias_prime
+                if need_weight:
+                    vector = c if ctx.noise is None else torch.add(ctx.noise, c, alpha=-c1)
+                    grad_weight = _bias_weight_grad(weight, grad_bias_prime, vector, groups,
+                                                    -c1 if ctx.noise is None else 1.0)
+            if path == "weight":
+                if grad_out is not None:
+                    grad_w = add_fused_weight_grad(groups, weight, mats, c1, c3, grad_out, grads, need_weight, ctx.views)
+                    if grad_w is not None:
+                        grad_weight = grad_w if grad_weight is None else grad_weight.add_(grad_w)
+            elif grad_out is not None or grad_product is not None:
+                inputs = den.layer_positions(x).to(params[0].dtype)
+                total = grad_product
+                if grad_out is not None:
+                    grad_denoised = den.layer_positions(grad_out).to(params[0].dtype)
+                    total = grad_denoised.mul(-c1) if total is None else total.add_(grad_denoised, alpha=-c1)
+                    if need_x:
+                        grad_x = pointwise.denoised_input_grad(mats, grad_denoised, inputs, c1, c3)
+                        grad_x = den.from_layer_positions(grad_x, x).to(x.dtype)
+                pointwise.add_apply_grad(mats, inputs, total.to(grads[0].dtype), grads)
+            grad_e = grad_a = None
+            if grad_c is not None:
+                grad_a = grad_c.to(e.dtype)
+                grad_e = add_constant_grad(mats, e, grad_a, grads)
+        return None, None, None, grad_x, grad_weight, grad_bias, None, grad_e, grad_a, *_as_parameters(grads, params)
+
+
+def _bias_weight_grad(weight: torch.Tensor, grad_bias: torch.Tensor, vector: torch.Tensor, groups: int,
+                      scale: float) -> torch.Tensor:
+    """∂/∂W of scale · Σ_k W[:, :, k] v: scale · ∂b′[o] v[group(o), i] at every kernel position."""
+    out, d = weight.shape[0], weight.shape[1]
+    outer = grad_bias.view(groups, out // groups, 1) * vector.view(groups, 1, d).to(grad_bias.dtype)
+    outer = outer.reshape(out, d).mul_(scale)
+    return outer.view(out, d, *[1] * (weight.ndim - 2)).expand_as(weight).clone()
