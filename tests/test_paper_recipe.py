@@ -303,3 +303,16 @@ def test_the_paper_demo_reports_the_recipe_beside_its_matched_control_on_the_tes
     assert main(["evaluate", "--config", str(run / "config.yaml"), "--weights",
                  str(run / PAPER_VARIANT / "model.safetensors"), "--split", "test"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(result["extra"]["test_metrics"])
+
+
+def test_the_readme_documents_every_field_of_the_preset_and_what_the_study_found():
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    flags = {"denoise": "--loss"}
+    for field in RECIPES["paper"]:
+        assert f"`{flags.get(field, '--' + field.replace('_', '-'))}`" in readme, field
+    for text in ("--recipe paper", "matched control", "--timestep-mapping authors-code", "denoiserep demo --recipe paper",
+                 "What the study found", "BENCHMARKS.md §3b"):
+        assert text in readme, text
+    assert "STUDY_FINDINGS" not in readme

@@ -317,7 +317,9 @@ def _run(cfg: TrainConfig, stages: list[str], seeds: list[int], resume: bool) ->
             print(f"\nreport: {result.report}")
         run_dir = seed_config(cfg, seeds[0], len(seeds)).run_dir
         for variant, stage_result in result.results[seeds[0]].items():
-            print(f"{variant}: {stage_result.metrics} -> {run_dir / stage_result.weights}")
+            test = stage_result.extra.get("test_metrics")
+            print(f"{variant}: {stage_result.metrics}{f'; held-out test split: {test}' if test else ''} -> "
+                  f"{run_dir / stage_result.weights}")
     return 0
 
 

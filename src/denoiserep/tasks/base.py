@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Iterable, Protocol, Sequence, runtime_checkabl
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from ..convert import call_model
 from ..head import DenoiseHead
@@ -118,6 +119,14 @@ class TaskBase:
     @property
     def has_test_split(self) -> bool:
         return self.supports_test_split and self.cfg.test_fraction > 0
+
+    def hold_out_test(self, dataset, groups: Sequence | None = None, what: str = "validation images"):
+        """(validation, test) datasets of ``dataset`` for ``--test-fraction`` (`holdout_split`; ``groups``:
+        stratify by them, e.g. the labels); ``(dataset, None)`` without a test fraction."""
+        val_idx, test_idx = holdout_split(len(dataset), self.cfg.test_fraction, groups, what)
+        if not test_idx:
+            return dataset, None
+        return Subset(dataset, val_idx), Subset(dataset, test_idx)
 
     def eval_split(self, split: str):
         """The evaluation data of ``split``: ``self.val``, or the held-out ``self.test`` (set by tasks that

@@ -10,6 +10,7 @@ import yaml
 
 from ..checkpoint import atomic_write
 from ..config import DenoiseConfig
+from .recipes import RECIPES, apply_recipe, recipe_targets
 
 STAGES = ("baseline", "control", "matched-control", "denoise", "head")
 AMP_MODES = ("none", "bf16")
@@ -132,11 +133,8 @@ class TrainConfig:
                 f"label-aug (λ = {self.effective_lambda} < 1) needs labels, but --denoise-data {self.denoise_data} is "
                 "a folder of unlabeled images. Use --label-free, or train the denoisers on the labeled --data."
             )
-        if self.recipe is not None:
-            from .recipes import RECIPES
-
-            if self.recipe not in RECIPES:
-                raise ValueError(f"unknown --recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"unknown --recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         if self.select not in SELECTIONS:
             raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.baseline_patience is not None:
@@ -171,8 +169,6 @@ class TrainConfig:
         layer selection for it fills in what ``denoise`` leaves unset (`recipes.recipe_targets`)."""
         values = dict(self.denoise)
         if self.recipe is not None and root is not None:
-            from .recipes import recipe_targets
-
             values = {**recipe_targets(self.recipe, root, values), **values}
         try:
             return DenoiseConfig.from_dict(values)
@@ -211,8 +207,6 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields: {', '.join(sorted(known))}")
-        from .recipes import apply_recipe
-
         return cls(**apply_recipe(values))
 
 

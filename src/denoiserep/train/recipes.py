@@ -33,6 +33,8 @@ order, t_i = N − i + 1), the paper's own statement.
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 # A Linear layer directly under a module whose name contains "mlp" (any case): ``blocks.3.mlp.fc1``,
@@ -82,8 +84,6 @@ def demo_values(name: str, demo_defaults: dict) -> dict:
 
 def has_mlp_linears(root: nn.Module) -> bool:
     """Whether ``root`` has Linear layers directly under ``*mlp*`` modules (a ViT / Swin / MLP-Mixer)."""
-    import re
-
     return any(isinstance(module, nn.Linear) and re.fullmatch(MLP_LINEARS, name)
                for name, module in root.named_modules())
 
@@ -91,7 +91,8 @@ def has_mlp_linears(root: nn.Module) -> bool:
 def recipe_targets(name: str, root: nn.Module, given: dict) -> dict:
     """The layer selection of recipe ``name`` for the module it converts, unless ``given`` (the run's
     ``denoise`` settings) chooses layers itself: for "paper", the ``*mlp*`` Linears where the model has
-    them, and every layer (the library's default selection) otherwise."""
+    them (ViT, Swin, MLP-Mixer, and ConvNeXt, whose blocks hold ``mlp.fc1`` / ``mlp.fc2`` too), and every
+    layer (the library's default selection) otherwise (ResNets, the MNIST-1D CNN)."""
     if name != "paper" or {"target_modules", "layer_types"} & set(given) or not has_mlp_linears(root):
         return {}
     return {"layer_types": ["Linear"], "target_modules": MLP_LINEARS}

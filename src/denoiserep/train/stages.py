@@ -108,7 +108,9 @@ def check_stage_settings(specs: list[StageSpec], cfg: TrainConfig, task, device:
         warnings.simplefilter("ignore")  # the stage itself warns about what its conversion leaves out
         if "head" in stages:
             denoise_head(task, cfg, task.build_model().to(device))
-        for spec_cfg in {id(spec): spec.config(cfg) for spec in specs if spec.stage == "denoise"}.values():
+        configs = {json.dumps(spec.config(cfg).denoise, sort_keys=True, default=str): spec.config(cfg)
+                   for spec in specs if spec.stage == "denoise"}
+        for spec_cfg in configs.values():  # each distinct conversion once
             model = task.build_model().to(device)
             root = task.conversion_root(model)
             try:

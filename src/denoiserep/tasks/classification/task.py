@@ -19,7 +19,7 @@ from ...head import DenoiseHead
 from ...models import create_model, default_model_for, feature_dim
 from ...train.config import TrainConfig
 from ...train.distributed import DistInfo, GlobalBatchSampler, all_reduce_sum, shard_indices, unlabeled_loader
-from ..base import TaskBase, holdout_split
+from ..base import TaskBase
 from .data import ClassificationData, load_classification_data
 from .models import HeadedClassifier
 
@@ -40,11 +40,8 @@ class ClassificationTask(TaskBase):
         # The validation images, and (--test-fraction) the held-out test images, stratified by class.
         labels = getattr(self.data.val, "targets", None)
         labels = getattr(self.data.val, "labels", None) if labels is None else labels
-        val_idx, test_idx = holdout_split(len(self.data.val), cfg.test_fraction,
-                                          None if labels is None else [int(y) for y in labels],
-                                          f"validation images of {self.data.name}")
-        self.val = Subset(self.data.val, val_idx) if test_idx else self.data.val
-        self.test = Subset(self.data.val, test_idx) if test_idx else None
+        self.val, self.test = self.hold_out_test(self.data.val, None if labels is None else [int(y) for y in labels],
+                                                 f"validation images of {self.data.name}")
         load = functools.partial(load_unlabeled_images, image_size=self.data.input_shape[-1],
                                  in_chans=self.data.input_shape[0])
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, load,

@@ -19,7 +19,7 @@ from ...metrics.detection import DetectionMetric
 from ...metrics.detection import evaluate as evaluate_detections  # `evaluate` is this task's method
 from ...train.config import TrainConfig
 from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
-from ..base import TaskBase, holdout_split, model_kwargs_without_classes
+from ..base import TaskBase, model_kwargs_without_classes
 from .data import SPECS, DetectionData, collate, load_detection_data
 from .models import DetectionModel, build_detection_model, parse_model_name
 from .sampling import AspectRatioBatchSampler, warn_about_small_groups
@@ -70,9 +70,7 @@ class DetectionTask(TaskBase):
         self.iou_types = ("bbox", "segm") if self.family == "maskrcnn" else ("bbox",)
         self.data: DetectionData = load_detection_data(cfg.data, with_masks=self.family == "maskrcnn")
         # The validation images, and (--test-fraction) the held-out test images (every other one at 0.5).
-        val_idx, test_idx = holdout_split(len(self.data.val), cfg.test_fraction, what=f"validation images of {cfg.data}")
-        self.val = Subset(self.data.val, val_idx) if test_idx else self.data.val
-        self.test = Subset(self.data.val, test_idx) if test_idx else None
+        self.val, self.test = self.hold_out_test(self.data.val, what=f"validation images of {cfg.data}")
         self.train_set: Dataset = SkipUnreadable(self.data.train) if cfg.skip_bad_images else self.data.train
         if hasattr(self.data.train, "aspect_ratios"):
             warn_about_small_groups(self.data.train.aspect_ratios(), cfg.batch_size, f"{cfg.data} training set")

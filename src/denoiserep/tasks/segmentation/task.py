@@ -18,7 +18,7 @@ from ...head import DenoiseHead
 from ...metrics.segmentation import SegmentationMetric
 from ...train.config import TrainConfig
 from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
-from ..base import TaskBase, holdout_split, model_kwargs_without_classes
+from ..base import TaskBase, model_kwargs_without_classes
 from .data import IGNORE_INDEX, SPECS, SegmentationData, load_segmentation_data
 from .models import AUX_LOSS_WEIGHT, SegmentationModel, build_segmentation_model
 
@@ -56,9 +56,7 @@ class SegmentationTask(TaskBase):
                              f"of at most {self.window} (mmseg: about 2/3 of the crop)")
         self.data: SegmentationData = load_segmentation_data(cfg.data, crop_size=cfg.crop_size)
         # The validation images, and (--test-fraction) the held-out test images (every other one at 0.5).
-        val_idx, test_idx = holdout_split(len(self.data.val), cfg.test_fraction, what=f"validation images of {cfg.data}")
-        self.val = Subset(self.data.val, val_idx) if test_idx else self.data.val
-        self.test = Subset(self.data.val, test_idx) if test_idx else None
+        self.val, self.test = self.hold_out_test(self.data.val, what=f"validation images of {cfg.data}")
         self.train_set = SkipUnreadable(self.data.train) if cfg.skip_bad_images else self.data.train
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, self.data.unlabeled,
                                                             skip_unreadable=cfg.skip_bad_images)
