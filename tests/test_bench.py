@@ -116,6 +116,20 @@ def test_accuracy_section_is_the_accuracy_study_under_its_setup_text(monkeypatch
     assert "| accuracy table, quick=True |" in text and "## 1. Inference cost\n\nNot run" in text
 
 
+def test_the_paper_recipe_study_is_section_3b_kept_apart_from_section_3(monkeypatch, tmp_path):
+    from denoiserep.bench import paper_recipe
+
+    monkeypatch.setattr(paper_recipe, "run_paper_recipe",
+                        lambda quick, output=None, dense=False: f"| recipe table, quick={quick}, runs={output} |\n")
+    text = bench.run(Settings(quick=True), sections=("paper-recipe",), runs=tmp_path)
+    assert "## 3b. The paper's recipe against its matched control\n\n" + paper_recipe.SETUP in text
+    assert f"| recipe table, quick=True, runs={tmp_path} |" in text and "## 3. Accuracy\n\nNot run" in text
+    previous = tmp_path / "BENCH.md"
+    previous.write_text(text, encoding="utf-8")
+    kept = bench.existing_sections(previous)
+    assert "recipe table" in kept["paper-recipe"] and "recipe table" not in kept["accuracy"]
+
+
 def test_sections_not_run_are_kept_from_the_previous_file(tmp_path):
     previous = tmp_path / "BENCH.md"
     previous.write_text(

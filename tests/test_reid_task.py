@@ -143,7 +143,7 @@ def test_merged_market_and_duke_train_in_one_id_space_and_evaluate_on_market(tmp
     assert sorted(set(task.train_pids)) == list(range(10))  # market 0..5, duke 6..9
     duke_paths = [s.path for s in task.train.samples if s.dsetid == 1]
     assert {s.pid for s in task.train.samples if s.dsetid == 1} == {6, 7, 8, 9} and len(duke_paths) == 16
-    assert task.num_query == 6 and task.num_gallery == 13  # the FIRST dataset's query/gallery
+    assert task.val.num_query == 6 and task.val.num_gallery == 13  # the FIRST dataset's query/gallery
     model = task.build_model()
     assert model.get_classifier().out_features == 10
     seen = Counter(int(p) for _, pids in task.train_loader(DistInfo(), 0, 0) for p in pids)

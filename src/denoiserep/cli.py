@@ -59,6 +59,8 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--opt", "opt", {"help": "optimizer (a timm optimizer name: adamw, sgd, momentum, …)"}),
     ("--lr", "lr", {"type": float, "help": "baseline learning rate"}),
     ("--extra-lr", "extra_lr", {"type": float, "help": "learning rate of the control / denoise / head stages"}),
+    ("--extra-warmup-epochs", "extra_warmup_epochs", {"type": int, "help": "warm-up epochs of the extra stages' "
+                                                                          "restarted learning-rate schedule"}),
     ("--weight-decay", "weight_decay", {"type": float, "help": "weight decay of the baseline and control "
                                                                "(denoisers train without)"}),
     ("--sched", "sched", {"help": "learning-rate schedule (a timm scheduler name: cosine, poly, step, …)"}),
@@ -70,10 +72,27 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--grad-clip", "grad_clip", {"type": float, "help": "clip the gradient norm to this value (default: no clipping)"}),
     ("--amp", "amp", {"choices": ["none", "bf16"], "help": "mixed precision"}),
     ("--ema", "ema_decay", {"type": float, "help": "EMA of the weights with this decay, e.g. 0.999 (default: none)"}),
-    ("--lambda", "lam", {"type": float, "help": "Loss = (1 − λ)·task + λ·noise loss of the denoise stage"}),
+    ("--lambda", "lam", {"type": float, "help": "Loss = (1 − λ)·task + λ·noise loss of the denoise stage "
+                                                 "(default: 0.5)"}),
+    ("--noise-weight", "noise_weight", {"type": float, "metavar": "W",
+                                        "help": "Loss = task + W·noise loss, as the authors' code adds it: the task "
+                                                "loss trains the backbone, the noise loss the denoisers (excludes "
+                                                "--lambda)"}),
     ("--alternate-every", "alternate_every", {"type": int, "metavar": "K",
-                                              "help": "the authors' option: swap denoisers / backbone training every "
-                                                      "K epochs (default: denoisers only)"}),
+                                              "help": "the authors' option: every K epochs swap between training the "
+                                                      "denoisers (backbone frozen) and the backbone on the task loss "
+                                                      "through W′ (denoisers frozen); default: denoisers only"}),
+    ("--recipe", "recipe", {"choices": ["paper"],
+                            "help": "a preset of these flags; 'paper': the authors' released protocol (README, "
+                                    "denoiserep.train.recipes); flags given explicitly override it"}),
+    ("--select", "select", {"choices": ["last", "best"],
+                            "help": "the epoch a stage keeps: the last, or the best on the validation split"}),
+    ("--baseline-patience", "baseline_patience", {"type": int, "metavar": "EPOCHS",
+                                                  "help": "stop the baseline when its validation metric has not "
+                                                          "improved for this many epochs (needs --select best)"}),
+    ("--test-fraction", "test_fraction", {"type": float, "metavar": "F",
+                                          "help": "hold out this fraction of the validation split as a test split "
+                                                  "that only the final number reads"}),
     ("--denoise-init", "denoise_init", {"choices": ["calibrate", "identity"],
                                          "help": "start the denoisers at their closed-form optimum or at identity "
                                                  "(the paper's start)"}),
@@ -103,6 +122,9 @@ _DENOISE_FLAGS: list[tuple[str, str, dict]] = [
     ("--timestep-range", "timestep_range", {"type": int, "nargs": 2, "metavar": ("LO", "HI"),
                                             "help": "spread the layers' timesteps over [LO, HI] (default: "
                                                     "t_i = N − i + 1)"}),
+    ("--timestep-mapping", "timestep_mapping", {"choices": ["execution", "authors-code"],
+                                                "help": "execution: by forward order (t_i = N − i + 1); authors-code: "
+                                                        "as the authors' released code (N / N − 1 in every block)"}),
     ("--denoiser", "denoiser", {"choices": ["full", "low_rank"], "help": "d × d denoisers, or diagonal + rank r"}),
     ("--rank", "rank", {"type": int, "help": "rank r of the low_rank denoiser"}),
     ("--loss", "loss", {"choices": ["l1", "l2", "l1+l2"], "help": "noise-prediction loss"}),
@@ -138,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "rewrites its report.md.")
     train.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
     train.add_argument("--stage", nargs="+", default=["all"],
-                       help="baseline | control | denoise | head | all (default: all)")
+                       help="baseline | control | matched-control | denoise | head | all (with --recipe paper, all "
+                            "is baseline, matched-control and denoise) (default: all)")
     _add_config_flags(train)
     train.add_argument("--label-free", action="store_true", default=None,
                        help="λ = 1: the denoise stage uses no labels at all")
@@ -160,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs", help="folder of all runs")
     demo.add_argument("--name", help="this demo's folder under --output (default: the task's demo name)")
     demo.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for a model this small)")
+    demo.add_argument("--recipe", choices=["paper"],
+                      help="the authors' protocol instead (baseline, DenoiseRep by the recipe, its matched control; "
+                           "scaled to the demo: see README), in runs/<demo name>-paper")
     demo.add_argument("--fresh", action="store_true",
                       help="delete the demo's earlier run and start over (by default finished stages are reused "
                            "and an interrupted one continues)")
@@ -172,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate weights on a run's validation data", formatter_class=formatter)
     evaluate.add_argument("--config", type=Path, required=True, help="the run's config.yaml")
     evaluate.add_argument("--weights", type=Path, required=True, help="a .safetensors file from a run")
+    evaluate.add_argument("--split", choices=["val", "test"], default="val",
+                          help="the validation split, or the held-out test split of a run with --test-fraction")
 
     # Listed for the usage text only: `main` hands `bench …` to denoiserep.bench's own parser.
     sub.add_parser("bench", help="benchmarks (see BENCHMARKS.md; denoiserep bench --help)")
@@ -258,8 +286,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .train.recipes import demo_values
+
     task = task_class(args.task)
-    values = {"task": args.task, **task.demo_defaults, "output": args.output}
+    defaults = demo_values(args.recipe, task.demo_defaults) if args.recipe else task.demo_defaults
+    values = {"task": args.task, **defaults, "output": args.output}
     for key in ("epochs", "extra_epochs", "name", "threads"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -282,7 +313,7 @@ def _run(cfg: TrainConfig, stages: list[str], seeds: list[int], resume: bool) ->
     from .train.pipeline import run_pipeline, variant_specs
     from .train.rundir import seed_config
 
-    specs = variant_specs(stages, cfg.lam)
+    specs = variant_specs(stages, cfg)
     info, device = init_distributed(cfg.device)
     try:
         task = create_task(cfg)
@@ -298,7 +329,9 @@ def _run(cfg: TrainConfig, stages: list[str], seeds: list[int], resume: bool) ->
             print(f"\nreport: {result.report}")
         run_dir = seed_config(cfg, seeds[0], len(seeds)).run_dir
         for variant, stage_result in result.results[seeds[0]].items():
-            print(f"{variant}: {stage_result.metrics} -> {run_dir / stage_result.weights}")
+            test = stage_result.extra.get("test_metrics")
+            print(f"{variant}: {stage_result.metrics}{f'; held-out test split: {test}' if test else ''} -> "
+                  f"{run_dir / stage_result.weights}")
     return 0
 
 
@@ -362,7 +395,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     info, device = init_distributed(cfg.device)
     task = create_task(cfg)
     model = load_stage_weights(task, cfg, args.weights, device)
-    print(json.dumps(task.evaluate(model, info, device), indent=2))
+    if args.split == "test" and not getattr(task, "has_test_split", False):
+        raise ValueError(f"{args.config} has no held-out test split (test_fraction: {cfg.test_fraction}); evaluate "
+                         "--split val, or train with --test-fraction")
+    split = {"split": "test"} if args.split == "test" else {}
+    print(json.dumps(task.evaluate(model, info, device, **split), indent=2))
     return 0
 
 

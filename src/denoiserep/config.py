@@ -17,6 +17,8 @@ SUPPORTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.C
 LOSS_TYPES = ("l1", "l2", "l1+l2")
 DENOISER_FORMS = ("full", "low_rank")
 INITS = ("identity", "random")
+# How layers get their timesteps: by execution order (ours), or as the authors' released code does.
+TIMESTEP_MAPPINGS = ("execution", "authors-code")
 
 _TYPE_NAMES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 
@@ -46,9 +48,17 @@ class DenoiseConfig:
         ``schedule``: ``"linear"`` (β 1e-4→2e-3, the authors' code), ``"ddpm"`` (1e-4→0.02), ``"cosine"``.
 
     Timesteps
-        Layers are ordered by forward execution, ``L_1..L_N``, noisiest first.
-        ``timestep_range=None``: ``t_i = N − i + 1`` (the paper). ``(lo, hi)``: ``t_1 = hi`` down to
-        ``t_N = lo``, evenly spaced and rounded, e.g. ``(1, 1000)`` spreads the layers over the schedule.
+        ``timestep_mapping="execution"`` (default): layers are ordered by forward execution,
+        ``L_1..L_N``, noisiest first. ``timestep_range=None``: ``t_i = N − i + 1`` (the paper).
+        ``(lo, hi)``: ``t_1 = hi`` down to ``t_N = lo``, evenly spaced and rounded, e.g. ``(1, 1000)``
+        spreads the layers over the schedule.
+        ``timestep_mapping="authors-code"``: the timesteps the authors' released code assigns. Its
+        conversion recurses over ``named_children()`` with a counter starting at N that each call
+        decrements for the layers it converts and then loses, so a layer's t is N minus the number of
+        converted layers that come before it among the direct children of its ancestors' frames
+        (`denoiserep.convert.authors_code_timesteps`): in every ViT / Swin block ``mlp.fc1`` gets N and
+        ``mlp.fc2`` N − 1. (Their tables are indexed from 0, so their "N" is one β-step later than
+        our 1-based t = N; we keep the 1-based value.) Excludes ``timestep_range``.
 
     Denoiser
         ``denoiser``: ``"full"`` (d_in × d_in, as in the paper; block-diagonal for grouped convs)
@@ -86,6 +96,7 @@ class DenoiseConfig:
     beta_start: float | None = None
     beta_end: float | None = None
     timestep_range: tuple[int, int] | None = None
+    timestep_mapping: str = "execution"
     denoiser: str = "full"
     rank: int = 8
     init: str = "identity"
@@ -120,6 +131,12 @@ class DenoiseConfig:
         if self.training_path == "input" and (self.denoiser != "full" or self.loss_estimator != "expected"):
             raise ValueError("training_path 'input' needs denoiser 'full' and loss_estimator 'expected' "
                              "(it computes the expected noise loss from the layer's own A x); use 'auto' or 'weight'")
+        if self.timestep_mapping not in TIMESTEP_MAPPINGS:
+            raise ValueError(f"unknown timestep_mapping {self.timestep_mapping!r}; choose one of "
+                             f"{', '.join(TIMESTEP_MAPPINGS)}")
+        if self.timestep_mapping == "authors-code" and self.timestep_range is not None:
+            raise ValueError("timestep_mapping 'authors-code' assigns the authors' code's timesteps (N and N − 1 per "
+                             f"block), which timestep_range {self.timestep_range} would replace; give one of them")
         if self.timestep_range is not None:
             lo, hi = self.timestep_range
             if not 1 <= lo <= hi <= self.num_timesteps:

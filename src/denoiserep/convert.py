@@ -331,8 +331,39 @@ def plan_layers(
         if not order:
             raise ValueError("keep_state_dict_keys=True left no layer to denoise (every selected layer is bias-free "
                              "with no BatchNorm after it); pass example_inputs, or keep_state_dict_keys=False")
-    timesteps = config.timesteps_for(len(order))
+    if config.timestep_mapping == "authors-code":
+        if len(order) > config.num_timesteps:
+            raise ValueError(f"{len(order)} layers need t up to {len(order)}, but the schedule has only "
+                             f"{config.num_timesteps} steps; raise num_timesteps")
+        by_name = authors_code_timesteps(model, order)
+        timesteps = [by_name[name] for name in order]
+    else:
+        timesteps = config.timesteps_for(len(order))
     return [LayerPlan(name, t, following.get(name)) for name, t in zip(order, timesteps)], left_out
+
+
+def authors_code_timesteps(model: nn.Module, converted: Sequence[str]) -> dict[str, int]:
+    """The timestep the authors' released code gives each of the ``converted`` layers
+    (``convert_denoise_linear`` / ``convert_vit_denoise_linear`` / ``convert_denoise_conv2d`` in
+    ``denoiserep_op``, RG12138/DenoiseRep@66e5609): a recursion over ``named_children()`` that starts
+    at N = len(converted), gives a converted child the current counter and decrements it, and hands
+    the current counter to each other child's own recursion, whose decrements are lost. Siblings in
+    different sub-modules therefore share timesteps: every ViT block's ``mlp.fc1`` / ``mlp.fc2`` get
+    N / N − 1."""
+    targets = set(converted)
+    found: dict[str, int] = {}
+
+    def visit(module: nn.Module, prefix: str, counter: int) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full in targets:
+                found[full] = counter
+                counter -= 1
+            else:
+                visit(child, f"{full}.", counter)
+
+    visit(model, "", len(targets))
+    return found
 
 
 def _trace(model: nn.Module, candidates: dict[str, nn.Module], example_inputs: Any) -> tuple[list[str], dict[str, str]]:

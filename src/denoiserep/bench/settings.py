@@ -36,6 +36,7 @@ class Settings:
     step_sweep: tuple[int, ...] = DENOISE_MINUS_SWEEP
     profile_training: bool = True
     threads: int | None = None  # torch CPU threads; None keeps torch's default
+    dense: bool = False  # paper-recipe: the detection and segmentation demos too
 
 
 def apply_threads(settings: Settings) -> None:
@@ -59,7 +60,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         base = replace(base, infer_batch=args.batch or 1, train_batch=args.batch or 2, scaling_batches=(), precise_rounds=3,
                        dense_precise_rounds=2, sweep_rounds=2, dense_sweep_rounds=1, train_rounds=2, warmup=1,
                        step_sweep=(1, 10), profile_training=False)
-    return replace(base, dtype=args.dtype, quick=args.quick, threads=args.threads)
+    return replace(base, dtype=args.dtype, quick=args.quick, threads=args.threads, dense=getattr(args, "dense", False))
 
 
 def autocast(settings: Settings) -> contextlib.AbstractContextManager:

@@ -16,14 +16,18 @@ Conventions:
   targets, so they are pairs too.
 - **Distributed**: loaders shard by ``DistInfo``; `Task.evaluate` returns metrics already reduced
   over ranks; `Task.predictions` runs on one process.
+- **Held-out test split** (``--test-fraction F``): a task that sets ``supports_test_split`` splits its
+  validation data once, deterministically (`holdout_split`), into the validation split every other
+  member uses and a test split that only ``evaluate(..., split="test")`` reads.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable, Protocol, runtime_checkable
+from typing import Any, ClassVar, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from ..convert import call_model
 from ..head import DenoiseHead
@@ -88,8 +92,9 @@ class Task(Protocol):
 
     # -- evaluation ------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, info: DistInfo, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-        """Validation metrics, reduced over ranks; ``primary_metric`` among them."""
+                 autocast_dtype: torch.dtype | None = None, split: str = "val") -> dict[str, float]:
+        """Validation metrics, reduced over ranks; ``primary_metric`` among them. ``split="test"``: the
+        held-out test split instead (only when ``has_test_split``)."""
 
     def predictions(self, model: nn.Module, device: torch.device) -> Any:
         """Outputs on the whole validation set (one process), to compare fused and unfused models."""
@@ -108,6 +113,30 @@ class TaskBase:
     data_sources: ClassVar[str] = ""
     other_metrics: ClassVar[tuple[str, ...]] = ()
     convert_scopes: ClassVar[tuple[str, ...]] = ("backbone",)  # the --convert-scope values the task offers
+    # Whether `evaluate` takes ``split="test"`` (the held-out part of the validation data, --test-fraction).
+    supports_test_split: ClassVar[bool] = False
+
+    @property
+    def has_test_split(self) -> bool:
+        return self.supports_test_split and self.cfg.test_fraction > 0
+
+    def hold_out_test(self, dataset, groups: Sequence | None = None, what: str = "validation images"):
+        """(validation, test) datasets of ``dataset`` for ``--test-fraction`` (`holdout_split`; ``groups``:
+        stratify by them, e.g. the labels); ``(dataset, None)`` without a test fraction."""
+        val_idx, test_idx = holdout_split(len(dataset), self.cfg.test_fraction, groups, what)
+        if not test_idx:
+            return dataset, None
+        return Subset(dataset, val_idx), Subset(dataset, test_idx)
+
+    def eval_split(self, split: str):
+        """The evaluation data of ``split``: ``self.val``, or the held-out ``self.test`` (set by tasks that
+        support a test split)."""
+        if split == "val":
+            return self.val
+        if split == "test" and getattr(self, "test", None) is not None:
+            return self.test
+        raise ValueError(f"the {self.name} task has no {split!r} split: evaluate 'val', or 'test' with "
+                         "--test-fraction > 0")
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -127,6 +156,28 @@ class TaskBase:
 
     def noise_forward(self, model: nn.Module, inputs: Any) -> None:
         call_model(model, (inputs,))
+
+
+def holdout_split(count: int, fraction: float, groups: Sequence | None = None,
+                  what: str = "validation items") -> tuple[list[int], list[int]]:
+    """``range(count)`` split into (validation, test) indices: within each group (a class; one group when
+    ``groups`` is None), in index order, position j goes to the test split when ⌊(j + 1)·f⌋ > ⌊j·f⌋, an
+    even spread of ⌊n·f⌋ of the group's n items. Deterministic: it depends on no seed, so every run and
+    stage of a data set holds out the same items. ``fraction`` 0: all validation, no test."""
+    if fraction <= 0:
+        return list(range(count)), []
+    members: dict = {}
+    for index in range(count):
+        members.setdefault(None if groups is None else groups[index], []).append(index)
+    test = sorted(index for items in members.values() for j, index in enumerate(items)
+                  if int((j + 1) * fraction) > int(j * fraction))
+    held = set(test)
+    val = [index for index in range(count) if index not in held]
+    if not test or not val:
+        raise ValueError(f"--test-fraction {fraction} of {count} {what} leaves "
+                         f"{'no test' if not test else 'no validation'} item; choose a fraction between "
+                         f"{1 / max(count, 1):.2g} and {1 - 1 / max(count, 1):.2g}")
+    return val, test
 
 
 def model_kwargs_without_classes(model_kwargs: dict, num_classes: int, data_name: str) -> dict:

@@ -10,10 +10,13 @@ import yaml
 
 from ..checkpoint import atomic_write
 from ..config import DenoiseConfig
+from .recipes import RECIPES, apply_recipe, recipe_targets
 
-STAGES = ("baseline", "control", "denoise", "head")
+STAGES = ("baseline", "control", "matched-control", "denoise", "head")
 AMP_MODES = ("none", "bf16")
 DENOISE_INITS = ("calibrate", "identity")
+SELECTIONS = ("last", "best")
+DEFAULT_LAMBDA = 0.5  # label-aug's λ when --lambda is not given
 
 
 @dataclass
@@ -23,6 +26,10 @@ class TrainConfig:
     ``control``, ``denoise`` and ``head`` all start from the baseline's weights and run the
     same number of extra steps (``extra_epochs``) with the same optimizer and learning rate,
     so that a gain of DenoiseRep over ``control`` is not just "trained longer".
+
+    ``recipe`` names a preset (`denoiserep.train.recipes`, e.g. ``"paper"``: the authors' released
+    protocol). `from_dict` (hence the CLI, YAML files and ``denoiserep demo``) fills in the preset's
+    values for the fields the input does not give; a field given explicitly always wins.
     """
 
     # task and data
@@ -60,9 +67,26 @@ class TrainConfig:
     # extra stages
     extra_epochs: int = 10
     extra_lr: float = 1e-3
-    lam: float = 0.5  # Loss = (1 − λ)·task + λ·denoise
+    # The extra stages restart the learning-rate schedule (`sched` over `extra_epochs` from `extra_lr`),
+    # after this many warm-up epochs from 1% of `extra_lr` (the authors' ReID scripts warm up again).
+    extra_warmup_epochs: int = 0
+    lam: float | None = None  # Loss = (1 − λ)·task + λ·denoise; None: λ = 0.5 (`effective_lambda`)
+    # Loss = task + w·denoise, as the authors' code adds it: the task loss trains the backbone (through
+    # W′), the noise loss the denoisers, and the task loss never reaches the denoisers. Excludes --lambda.
+    noise_weight: float | None = None
     label_free: bool = False  # λ = 1: no labels used at all
-    alternate_every: int | None = None  # the authors' option: swap denoisers ↔ backbone every K epochs
+    # The authors' option: epochs alternate every K between "denoisers train, backbone frozen" and
+    # "backbone trains on the task loss through W′, denoisers frozen" (denoisers first).
+    alternate_every: int | None = None
+    recipe: str | None = None  # a named preset (`denoiserep.train.recipes.RECIPES`), e.g. "paper"
+    # Which epoch a stage keeps: "last", or "best" (its best validation metric; every epoch is evaluated).
+    select: str = "last"
+    # The baseline stops when its validation metric has not improved for this many epochs and keeps
+    # its best epoch (a baseline trained to convergence; needs select "best").
+    baseline_patience: int | None = None
+    # Hold out this fraction of the validation split as a test split: stages evaluate (and select) on
+    # the rest, and report their final weights on the test split, which nothing else reads. 0: none.
+    test_fraction: float = 0.0
     # "calibrate": the denoise stage first sets every denoiser to the closed-form optimum of its
     # noise loss (`denoiserep.calibrate`, on up to `calibrate_batches` training batches), then trains
     # its epochs from there; "identity": the paper's start (the converted model equals the baseline).
@@ -85,22 +109,49 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if not 0.0 <= self.lam <= 1.0:
+        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"--lambda must be in [0, 1] (Loss = (1 − λ)·task + λ·denoise), got {self.lam}")
+        if self.noise_weight is not None and (self.lam is not None or self.label_free):
+            given = "--lambda" if self.lam is not None and not self.label_free else "--label-free"
+            raise ValueError(
+                f"--noise-weight ({self.noise_weight}) and {given} are two forms of the loss: task + w·noise (the "
+                "authors' code) or (1 − λ)·task + λ·noise (the slides; --label-free is λ = 1). Give one of them."
+            )
         if self.label_free:
             self.lam = 1.0
-        if self.denoise_data and self.lam < 1.0:
+        if self.label_free and self.alternate_every is not None:
             raise ValueError(
-                f"label-aug (λ = {self.lam} < 1) needs labels, but --denoise-data {self.denoise_data} is a folder "
-                "of unlabeled images. Use --label-free, or train the denoisers on the labeled --data."
+                f"--alternate-every {self.alternate_every} trains the backbone on the task loss in every other phase, "
+                "but --label-free uses no labels, so those phases would train nothing. Drop one of them."
             )
+        if self.denoise_data and (self.alternate_every is not None or self.noise_weight is not None):
+            raise ValueError(
+                f"--denoise-data {self.denoise_data} holds unlabeled images, but --alternate-every / --noise-weight "
+                "train the backbone on the labeled task loss; train the denoisers on the labeled --data instead."
+            )
+        if self.denoise_data and self.effective_lambda < 1.0:
+            raise ValueError(
+                f"label-aug (λ = {self.effective_lambda} < 1) needs labels, but --denoise-data {self.denoise_data} is "
+                "a folder of unlabeled images. Use --label-free, or train the denoisers on the labeled --data."
+            )
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"unknown --recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"--select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.baseline_patience is not None:
+            if self.baseline_patience < 1:
+                raise ValueError(f"--baseline-patience must be >= 1 epoch, got {self.baseline_patience}")
+            if self.select != "best":
+                raise ValueError("--baseline-patience stops the baseline once its validation metric stops improving "
+                                 "and keeps its best epoch: it needs --select best")
         if self.amp not in AMP_MODES:
             raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         if self.denoise_init not in DENOISE_INITS:
             raise ValueError(f"--denoise-init must be one of {', '.join(DENOISE_INITS)}, got {self.denoise_init!r}")
-        for name in ("epochs", "extra_epochs", "batch_size", "eval_batch_size", "head_steps", "calibrate_batches",
-                     "image_size", "threads", "workers", "crop_size", "slide_stride"):
-            value, lowest = getattr(self, name), 0 if name in ("epochs", "extra_epochs", "workers") else 1
+        for name in ("epochs", "extra_epochs", "extra_warmup_epochs", "batch_size", "eval_batch_size", "head_steps",
+                     "calibrate_batches", "image_size", "threads", "workers", "crop_size", "slide_stride"):
+            value, lowest = getattr(self, name), 0 if name in ("epochs", "extra_epochs", "extra_warmup_epochs",
+                                                                 "workers") else 1
             if value is not None and value < lowest:
                 raise ValueError(f"{name} must be {'≥ 0' if lowest == 0 else 'positive'}, got {value}")
         if self.calibrate_passes != "auto" and self.calibrate_passes < 1:
@@ -110,9 +161,19 @@ class TrainConfig:
         _check_ranges(self)
         self.denoise_config()  # validate early: a bad field fails before any training
 
-    def denoise_config(self) -> DenoiseConfig:
+    @property
+    def effective_lambda(self) -> float:
+        """λ of the (1 − λ)·task + λ·noise loss: ``lam``, or 0.5 when it is not given."""
+        return DEFAULT_LAMBDA if self.lam is None else self.lam
+
+    def denoise_config(self, root=None) -> DenoiseConfig:
+        """The DenoiseConfig of ``denoise``; with the module a recipe converts (``root``), the recipe's
+        layer selection for it fills in what ``denoise`` leaves unset (`recipes.recipe_targets`)."""
+        values = dict(self.denoise)
+        if self.recipe is not None and root is not None:
+            values = {**recipe_targets(self.recipe, root, values), **values}
         try:
-            return DenoiseConfig.from_dict(self.denoise)
+            return DenoiseConfig.from_dict(values)
         except TypeError as error:
             known = ", ".join(f.name for f in fields(DenoiseConfig))
             raise ValueError(f"bad 'denoise' settings {self.denoise}: {error}. Known fields: {known}") from error
@@ -148,7 +209,7 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields: {', '.join(sorted(known))}")
-        return cls(**values)
+        return cls(**apply_recipe(values))
 
 
 # What each annotation accepts. YAML and JSON give ints for 3 and floats for 3.0: a float field
@@ -177,6 +238,8 @@ _RANGES = {
     "cutmix": ("--cutmix", 0.0, float("inf"), True, False),
     "grad_clip": ("--grad-clip", 0.0, float("inf"), False, False),
     "ema_decay": ("--ema", 0.0, 1.0, False, False),
+    "noise_weight": ("--noise-weight", 0.0, float("inf"), True, False),
+    "test_fraction": ("--test-fraction", 0.0, 1.0, True, False),
 }
 
 
@@ -196,6 +259,7 @@ _RANGE_HINTS = {
     "ema_decay": " (the weight of the old average per step, e.g. 0.999)",
     "grad_clip": " (the largest gradient norm; leave it unset for no clipping)",
     "label_smoothing": " (the probability mass spread over the other classes, e.g. 0.1)",
+    "test_fraction": " (e.g. 0.5: half of the validation split becomes a held-out test split; 0: none)",
 }
 
 

@@ -21,7 +21,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class EpochSettings:
-    lam: float  # Loss = (1 − λ)·task + λ·denoise; λ = 0 is plain training
+    lam: float  # Loss = (1 − λ)·task + λ·denoise; λ = 0 is plain training; λ = 1 computes no task loss
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     grad_clip: float | None = None
@@ -30,6 +30,8 @@ class EpochSettings:
     # Steps between reads of the losses on the host (each read waits for the device): finiteness is
     # checked, and the progress bar updated, this often and at the end of the epoch.
     check_every: int = 50
+    # Loss = task + w·denoise instead (the authors' code); λ still says whether the task loss is computed.
+    noise_weight: float | None = None
 
 
 def train_one_epoch(
@@ -83,7 +85,10 @@ def train_one_epoch(
                 with noise_loss_only(model):  # extra data feeds only the noise loss
                     task.noise_forward(model, extra_inputs)
                 denoise = denoise + denoise_loss(model)
-            loss = (1.0 - lam) * task_loss + lam * denoise if lam > 0 else task_loss
+            if settings.noise_weight is not None:
+                loss = task_loss + settings.noise_weight * denoise
+            else:
+                loss = (1.0 - lam) * task_loss + lam * denoise if lam > 0 else task_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip:

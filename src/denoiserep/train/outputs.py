@@ -25,6 +25,7 @@ from .config import TrainConfig
 CHECKPOINT_FIELDS: dict[str, tuple] = {
     "epoch": (int,), "num_updates": (int,), "history": (list,), "model": (dict,), "conversion": (dict, None),
     "optimizer": (dict,), "scheduler": (dict, None), "ema": (dict, None), "noise_loss": (dict, None), "rng": (dict,),
+    "best": (dict, None),
 }
 
 
@@ -59,7 +60,7 @@ def read_result(path: Path) -> StageResult:
     return StageResult(**values)
 
 
-RESUME_FIELDS = tuple(name for name in CHECKPOINT_FIELDS if name != "noise_loss")  # (older runs lack it)
+RESUME_FIELDS = tuple(name for name in CHECKPOINT_FIELDS if name not in ("noise_loss", "best"))  # (older runs lack them)
 FUSE_FIELDS = ("epoch", "model", "conversion")  # what ``denoiserep fuse`` reads
 
 
@@ -76,10 +77,15 @@ def read_checkpoint(path: Path, device: str | torch.device = "cpu", *, needed: t
              and not isinstance(payload[name], tuple(type(None) if k is None else k for k in kinds))]
     not_tensors = [key for key, value in payload.get("model", {}).items() if not isinstance(value, torch.Tensor)] \
         if isinstance(payload.get("model"), dict) else []
-    if missing or wrong or not_tensors:
+    best = payload.get("best")
+    bad_best = isinstance(best, dict) and not (
+        isinstance(best.get("epoch"), int) and isinstance(best.get("metric"), float)
+        and isinstance(best.get("model"), dict) and all(isinstance(v, torch.Tensor) for v in best["model"].values()))
+    if missing or wrong or not_tensors or bad_best:
         problems = ([f"missing fields {missing}"] if missing else []) + \
                    ([f"fields of the wrong type: {wrong}"] if wrong else []) + \
-                   ([f"model entries that are not tensors: {not_tensors[:5]}"] if not_tensors else [])
+                   ([f"model entries that are not tensors: {not_tensors[:5]}"] if not_tensors else []) + \
+                   (["a 'best' entry that is not the selected epoch's {epoch, metric, model}"] if bad_best else [])
         raise ValueError(f"{path} is not a complete stage checkpoint ({'; '.join(problems)}); it was changed after "
                          "the run wrote it. Use the stage's checkpoint as written, or rerun the stage.")
     if denoise and payload["conversion"] is None:

@@ -20,21 +20,32 @@ from .stages import StageResult, StageSpec, check_stage_settings, noise_loss_lin
 logger = logging.getLogger(__name__)
 
 
-def variant_specs(stages: list[str], lam: float) -> list[StageSpec]:
-    """Stage names → what runs. ``all`` is the full comparison of the demo."""
+PAPER_VARIANT = "denoiserep-paper"
+
+
+def variant_specs(stages: list[str], cfg: TrainConfig) -> list[StageSpec]:
+    """Stage names → what runs. ``all`` is the full comparison of the demo; under ``--recipe paper``
+    it is the baseline, the recipe and its matched control."""
+    lam, weight = cfg.effective_lambda, cfg.noise_weight
+    if weight is not None:
+        denoise = StageSpec("denoise", PAPER_VARIANT if cfg.recipe == "paper" else "denoiserep", noise_weight=weight)
+    else:
+        denoise = StageSpec("denoise", "denoiserep-label-free" if lam == 1.0 else "denoiserep", lam)
     table = {
         "baseline": [StageSpec("baseline", "baseline")],
         "control": [StageSpec("control", "control")],
+        "matched-control": [StageSpec("matched-control", "matched-control")],
         "head": [StageSpec("head", "denoiserep-minus", lam)],
-        "denoise": [StageSpec("denoise", "denoiserep-label-free" if lam == 1.0 else "denoiserep", lam)],
-        "all": [
+        "denoise": [denoise],
+        "all": [StageSpec("baseline", "baseline"), StageSpec("matched-control", "matched-control"), denoise]
+        if cfg.recipe == "paper" else [
             StageSpec("baseline", "baseline"),
             StageSpec("control", "control"),
             StageSpec("head", "denoiserep-minus", lam if lam < 1.0 else 0.5),
             # Label-free DenoiseRep at its optimum, no training: the cheapest DenoiseRep there is.
             StageSpec("denoise", "denoiserep-calibrated", 1.0, epochs=0, denoise_init="calibrate"),
             StageSpec("denoise", "denoiserep-label-free", 1.0),
-            StageSpec("denoise", "denoiserep-label-aug", lam if lam < 1.0 else 0.5),
+            StageSpec("denoise", "denoiserep-label-aug", lam if lam < 1.0 else 0.5, noise_weight=weight),
         ],
     }
     specs: list[StageSpec] = []
@@ -86,7 +97,7 @@ def _add_finished_stages(cfg: TrainConfig, task, seeds: list[int], results: dict
     ``--stage all`` and then by name."""
     folders = [{path.parent.name: path for path in seed_config(cfg, s, len(seeds)).run_dir.glob("*/result.json")}
                for s in seeds]
-    canonical = [spec.variant for spec in variant_specs(["all"], cfg.lam)]
+    canonical = [spec.variant for spec in variant_specs(["all"], cfg)]
 
     def order(variant: str) -> tuple[int, str]:
         return canonical.index(variant) if variant in canonical else len(canonical), variant
@@ -117,6 +128,16 @@ def _finish(cfg: TrainConfig, task, seeds: list[int], results: dict[int, dict[st
     return pipeline
 
 
+def on_test_split(results: dict[int, dict[str, StageResult]]) -> bool:
+    """Whether every stage of the run reported its final weights on a held-out test split."""
+    return all("test_metrics" in r.extra for by_variant in results.values() for r in by_variant.values())
+
+
+def reported_metrics(result: StageResult, on_test: bool) -> dict:
+    """The metrics a table shows for a stage: on the held-out test split when the run has one."""
+    return result.extra["test_metrics"] if on_test else result.metrics
+
+
 def _rows(results, task, device: torch.device, repeats: int) -> list[Row]:
     """One row per variant; cost columns measured once, on the first seed's models, side by side."""
     first = next(iter(results.values()))
@@ -127,10 +148,12 @@ def _rows(results, task, device: torch.device, repeats: int) -> list[Row]:
     with torch.inference_mode():
         latency = time_interleaved({v: (lambda m=m: m(batch)) for v, m in models.items()}, next(iter(models)),
                                    rounds=repeats, warmup=3, desc="latency")
+    on_test = on_test_split(results)
+    reported = {s: {v: reported_metrics(r, on_test) for v, r in by_variant.items()} for s, by_variant in results.items()}
     rows = []
     for variant, model in models.items():
-        metric = [results[s][variant].metrics[task.primary_metric] for s in results]
-        others = {name: [results[s][variant].metrics[name] for s in results] for name in task.other_metrics}
+        metric = [reported[s][variant][task.primary_metric] for s in results]
+        others = {name: [reported[s][variant][name] for s in results] for name in task.other_metrics}
         noise = [results[s][variant].extra["noise_loss"]["end"] for s in results] \
             if first[variant].stage == "denoise" else []
         rows.append(Row(
@@ -165,6 +188,19 @@ def _notes(cfg: TrainConfig, seeds: list[int], results) -> list[str]:
         "`denoiserep-calibrated` is calibrated and not trained.",
         "Latency: median of interleaved runs on one batch of the validation set, ratio to the baseline.",
     ]
+    if cfg.recipe:
+        notes.insert(1, f"recipe `{cfg.recipe}` (`denoiserep.train.recipes`): alternating every {cfg.alternate_every} "
+                        f"epochs, noise weight {cfg.noise_weight}, loss {cfg.denoise_config().loss}; `matched-control` "
+                        "trains the backbone in exactly the recipe's backbone epochs, with its learning rate per step "
+                        "and no denoisers.")
+    if on_test_split(results):
+        selected = "the best validation epoch" if cfg.select == "best" else "the last epoch"
+        notes.insert(1, f"metrics on the held-out test split ({100 * cfg.test_fraction:.0f}% of the validation "
+                        f"split, read once per stage after training); each stage keeps {selected}, chosen on the "
+                        "rest of the validation split.")
+    elif cfg.select == "best":
+        notes.insert(1, "each stage keeps its best validation epoch, and the table reports that same validation "
+                        "split: the numbers are optimistic (--test-fraction holds out a test split).")
     for variant, result in first.items():
         if result.stage == "denoise":
             notes.append(

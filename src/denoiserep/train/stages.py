@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from ..calibrate import FEW_ROWS_PER_CHANNEL, calibrate, noise_loss_report
 from ..checkpoint import atomic_write, load_fused, load_state_dict_checked, read_state_dict, save_fused
-from ..convert import conversion_state, convert, set_trainable, unwrap
+from ..convert import conversion_state, convert, denoiser_parameters, set_trainable, unwrap
 from ..fuse import fuse
 from ..task_heads import task_heads
 from .config import TrainConfig
@@ -50,8 +51,11 @@ NOISE_LOSS_BATCHES = 4  # validation batches every noise-loss report of a denois
 class StageSpec:
     """What to run: ``stage`` is the recipe, ``variant`` the folder/row name (e.g. denoise-label-free).
 
-    ``epochs`` and ``denoise_init`` override the run's ``extra_epochs`` / ``denoise_init`` for this
-    variant (e.g. the demo's calibrated-only row: ``epochs=0, denoise_init="calibrate"``).
+    ``lam`` / ``noise_weight``: the loss, (1 − λ)·task + λ·noise, or task + w·noise (the authors'
+    code) when ``noise_weight`` is given. ``epochs`` and ``denoise_init`` override the run's
+    ``extra_epochs`` / ``denoise_init`` for this variant (e.g. the demo's calibrated-only row:
+    ``epochs=0, denoise_init="calibrate"``); ``denoise`` overrides fields of the run's ``denoise``
+    settings (e.g. ``{"timestep_mapping": "authors-code"}``).
     """
 
     stage: str
@@ -59,12 +63,19 @@ class StageSpec:
     lam: float = 0.0
     epochs: int | None = None
     denoise_init: str | None = None
+    noise_weight: float | None = None
+    denoise: dict | None = None
+
+    def config(self, cfg: TrainConfig) -> TrainConfig:
+        """The run's config with this variant's ``denoise`` overrides."""
+        return dataclasses.replace(cfg, denoise={**cfg.denoise, **self.denoise}) if self.denoise else cfg
 
 
 def run_stage(spec: StageSpec, cfg: TrainConfig, task, info: DistInfo, device: torch.device,
               *, resume: bool = False) -> StageResult:
     """Run one stage in ``<run>/<variant>`` (`denoiserep.train.rundir.check_run` has checked that
     this may write there); with ``resume`` a finished stage is reused and an unfinished one continued."""
+    cfg = spec.config(cfg)
     stage_dir = cfg.run_dir / spec.variant
     result_path = stage_dir / "result.json"
     if resume and result_path.exists():
@@ -85,20 +96,28 @@ def check_stage_settings(specs: list[StageSpec], cfg: TrainConfig, task, device:
     stage's conversion (``--target-modules`` that match nothing, fewer timesteps than layers, …) on a
     freshly built model, and a head stage's head."""
     stages = {spec.stage for spec in specs}
+    if "matched-control" in stages and cfg.alternate_every is None:
+        raise ValueError("the matched-control stage trains the backbone in exactly the epochs where an alternating "
+                         "recipe does (--alternate-every K); set --alternate-every, or use --recipe paper")
+    if cfg.test_fraction > 0 and not getattr(task, "supports_test_split", False):
+        raise ValueError(f"--test-fraction {cfg.test_fraction}: the {task.name} task cannot hold out a test split "
+                         "(its class does not set supports_test_split); leave --test-fraction at 0")
     if not stages & {"denoise", "head"}:
         return
     with preserved_rng_state(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the stage itself warns about what its conversion leaves out
-        model = task.build_model().to(device)
         if "head" in stages:
-            denoise_head(task, cfg, model)
-        if "denoise" in stages:
+            denoise_head(task, cfg, task.build_model().to(device))
+        configs = {json.dumps(spec.config(cfg).denoise, sort_keys=True, default=str): spec.config(cfg)
+                   for spec in specs if spec.stage == "denoise"}
+        for spec_cfg in configs.values():  # each distinct conversion once
+            model = task.build_model().to(device)
+            root = task.conversion_root(model)
             try:
-                convert(task.conversion_root(model), cfg.denoise_config(),
-                        example_inputs=task.conversion_inputs(model, device))
+                convert(root, spec_cfg.denoise_config(root), example_inputs=task.conversion_inputs(model, device))
             except (ValueError, RuntimeError) as error:
-                raise ValueError(f"the denoise stage's settings (denoise: {cfg.denoise}) do not apply to this model: "
-                                 f"{error}") from None
+                raise ValueError(f"the denoise stage's settings (denoise: {spec_cfg.denoise}) do not apply to this "
+                                 f"model: {error}") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +150,13 @@ class _StageRunner:
         # Noise loss of the denoisers (see `_initialise_denoisers`), kept in the checkpoint for --resume.
         self.noise_loss: dict = {}
         self.lr = cfg.lr if self.is_baseline else cfg.extra_lr  # control: same budget as DenoiseRep
+        # Alternating phases (--alternate-every): a denoise stage whose loss has a task term, and the
+        # matched control that mirrors it; a label-free stage has no task loss to train the backbone on.
+        uses_labels = spec.noise_weight is not None or spec.lam < 1.0
+        self.alternates = cfg.alternate_every is not None and (
+            spec.stage == "matched-control" or (spec.stage == "denoise" and uses_labels))
+        # The selected epoch (select "best"): {"epoch", "metric", "model": state}; kept in the checkpoint.
+        self.best: dict | None = None
         self._tensorboard = None  # SummaryWriter, or False when tensorboard is not installed
 
     # -- model per stage -------------------------------------------------------------------
@@ -144,13 +170,17 @@ class _StageRunner:
         model.to(self.device)
         stage = self.spec.stage
         if stage == "denoise":
-            _, conversion = convert(self.task.conversion_root(model), self.cfg.denoise_config(),
+            root = self.task.conversion_root(model)
+            _, conversion = convert(root, self.cfg.denoise_config(root),
                                     example_inputs=self.task.conversion_inputs(model, self.device), return_report=True)
             if self.info.is_main:
                 tqdm.write(f"{self.spec.variant}: {conversion.summary()}", file=sys.stderr)
-            # With the alternating option both roles train (in turns); start all trainable so the
-            # optimizer holds every parameter, then `_set_phase` toggles requires_grad per epoch.
-            set_trainable(model, denoisers=True, backbone=self.cfg.alternate_every is not None)
+            # With the alternating option both roles train (in turns): the optimizer holds every
+            # parameter (`_optimizer`) and `_set_phase` toggles requires_grad per epoch.
+            set_trainable(model, denoisers=True, backbone=self.alternates)
+            if self.cfg.alternate_every is not None and not self.alternates and self.info.is_main:
+                tqdm.write(f"{self.spec.variant}: label-free, so no backbone phases (they train on the task loss); "
+                           "the denoisers train in every epoch", file=sys.stderr)
         elif stage == "head":
             model = self.task.wrap_with_head(model, denoise_head(self.task, self.cfg, model)).to(self.device)
             set_trainable(model, denoisers=True, backbone=False)
@@ -161,15 +191,66 @@ class _StageRunner:
         return load_stage_weights(self.task, self.cfg, self.cfg.run_dir / result.weights, self.device,
                                   expected_stage=self.spec.stage)
 
-    def _set_phase(self, model: nn.Module, epoch: int) -> str:
-        """Frozen backbone (the paper) or the authors' alternation every K epochs."""
-        if self.spec.stage not in ("denoise", "head"):
+    def phase(self, epoch: int) -> str:
+        """What trains in ``epoch`` (0-based): "all" (baseline, control), "denoisers" (backbone frozen:
+        the paper), or, alternating every K epochs (denoisers first, as the authors' code),
+        "backbone" (on the task loss through W′, denoisers frozen); the matched control trains its
+        backbone in those same epochs and is "idle" in the others (its schedule still advances)."""
+        if self.spec.stage in ("baseline", "control"):
             return "all"
-        if self.spec.stage == "denoise" and self.cfg.alternate_every:
-            denoisers = (epoch // self.cfg.alternate_every) % 2 == 0
-            set_trainable(model, denoisers=denoisers, backbone=not denoisers)
-            return "denoisers" if denoisers else "backbone"
-        return "denoisers"
+        if not self.alternates:
+            return "denoisers"
+        backbone = (epoch // self.cfg.alternate_every) % 2 == 1
+        if self.spec.stage == "matched-control":
+            return "backbone" if backbone else "idle"
+        return "backbone" if backbone else "denoisers"
+
+    def _set_phase(self, model: nn.Module, epoch: int) -> str:
+        phase = self.phase(epoch)
+        if self.alternates and self.spec.stage == "denoise":
+            set_trainable(model, denoisers=phase == "denoisers", backbone=phase == "backbone")
+        return phase
+
+    def _epoch_settings(self, settings: EpochSettings, phase: str) -> EpochSettings:
+        """The loss of one phase: a backbone phase trains on the task loss (the frozen denoisers add no
+        gradient); with ``noise_weight`` (the authors' form) the task loss never reaches the denoisers,
+        so a denoiser phase trains on w·noise alone (a label-free step)."""
+        if phase == "backbone":
+            return dataclasses.replace(settings, lam=0.0)
+        if phase == "denoisers" and settings.noise_weight is not None:
+            return dataclasses.replace(settings, lam=1.0)
+        return settings
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The baseline's and controls' optimizer (weight decay on the weights, timm's groups); the
+        denoisers train without. Alternating, the backbone's groups are exactly the control's, and the
+        denoisers join as one more group."""
+        cfg = self.cfg
+        if self.spec.stage in ("baseline", "control", "matched-control"):
+            return create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
+        if not self.alternates:
+            return create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=0.0)
+        set_trainable(model, denoisers=False, backbone=True)
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
+        optimizer.add_param_group({"params": list(denoiser_parameters(model)), "weight_decay": 0.0})
+        set_trainable(model, denoisers=True, backbone=True)
+        return optimizer
+
+    def _idle_epoch(self, model: nn.Module, optimizer, epoch: int, num_updates: int, scheduler,
+                    ema) -> tuple[dict, int]:
+        """An epoch in which nothing trains (the matched control while the recipe trains its
+        denoisers): the schedule and the EMA advance by the recipe's steps, so that every later step
+        has the recipe's learning rate."""
+        steps = len(self.task.train_loader(self.info, self.cfg.seed, epoch))
+        for _ in range(steps):
+            num_updates += 1
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)
+            if ema is not None:
+                ema.update(model, step=num_updates)
+        nan = float("nan")
+        return {"loss": nan, "task_loss": nan, "denoise_loss": nan, "samples_per_s": 0.0,
+                "lr": optimizer.param_groups[0]["lr"]}, num_updates
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, resume: bool) -> StageResult:
@@ -178,15 +259,15 @@ class _StageRunner:
         resuming = resume and self.checkpoint_path.exists()
         if self.spec.stage == "denoise" and not resuming:
             self._initialise_denoisers(model)  # before the EMA copy and the optimizer see the parameters
-        weight_decay = cfg.weight_decay if self.spec.stage in ("baseline", "control") else 0.0
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=weight_decay)
+        optimizer = self._optimizer(model)
         steps_per_epoch = len(self.task.train_loader(info, cfg.seed, 0, for_denoisers=self.spec.stage == "denoise"))
         scheduler = None
         if self.epochs > 0:
+            warmup = cfg.warmup_epochs if self.is_baseline else cfg.extra_warmup_epochs
             scheduler, _ = create_scheduler_v2(
-                optimizer, sched=cfg.sched, num_epochs=self.epochs,
-                warmup_epochs=cfg.warmup_epochs if self.is_baseline else 0, decay_rate=cfg.sched_decay_rate,
-                updates_per_epoch=steps_per_epoch, warmup_lr=self.lr * 0.01 if self.is_baseline else None,
+                optimizer, sched=cfg.sched, num_epochs=self.epochs, warmup_epochs=warmup,
+                decay_rate=cfg.sched_decay_rate, updates_per_epoch=steps_per_epoch,
+                warmup_lr=self.lr * 0.01 if warmup else None,
             )
         ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
         start_epoch, num_updates, history = 0, 0, []
@@ -196,23 +277,38 @@ class _StageRunner:
         train_model = self._wrap_ddp(model)
         settings = EpochSettings(
             lam=self.spec.lam, device=self.device, autocast_dtype=self.autocast_dtype, grad_clip=cfg.grad_clip,
-            stage=self.spec.variant, show_progress=info.is_main,
+            stage=self.spec.variant, show_progress=info.is_main, noise_weight=self.spec.noise_weight,
         )
         for epoch in range(start_epoch, self.epochs):
+            if self._patience_exhausted(epoch):
+                if info.is_main:
+                    tqdm.write(f"{self.spec.variant}: stopped after epoch {epoch}: validation "
+                               f"{self.task.primary_metric} has not improved for {cfg.baseline_patience} epochs "
+                               f"(best: epoch {self.best['epoch']})", file=sys.stderr)
+                break
             phase = self._set_phase(model, epoch)
-            loader = self.task.train_loader(info, cfg.seed, epoch, for_denoisers=self.spec.stage == "denoise")
-            extra = self.task.extra_loader(info, cfg.seed, epoch) if self.spec.lam > 0 else None
-            try:
-                train_stats, num_updates = train_one_epoch(
-                    train_model, loader, optimizer, self.task, settings, epoch=epoch, num_updates=num_updates,
-                    scheduler=scheduler, ema=ema, extra_loader=extra,
-                )
-            except NonFiniteLossError as error:
-                kept = self.checkpoint_path if self.checkpoint_path.exists() else "none (no epoch finished)"
-                raise NonFiniteLossError(
-                    f"{error}. Stopped; the last good checkpoint is {kept}. Lower --lr / --extra-lr or set "
-                    "--grad-clip, then rerun with --resume."
-                ) from None
+            if phase == "idle":
+                train_stats, num_updates = self._idle_epoch(model, optimizer, epoch, num_updates, scheduler, ema)
+                backbone_steps = 0
+            else:
+                epoch_settings = self._epoch_settings(settings, phase)
+                loader = self.task.train_loader(info, cfg.seed, epoch,
+                                                for_denoisers=self.spec.stage == "denoise" and phase == "denoisers")
+                trains_noise = epoch_settings.lam > 0 or epoch_settings.noise_weight is not None
+                extra = self.task.extra_loader(info, cfg.seed, epoch) if phase != "backbone" and trains_noise \
+                    else None
+                backbone_steps = len(loader) if phase in ("all", "backbone") and self.spec.stage != "head" else 0
+                try:
+                    train_stats, num_updates = train_one_epoch(
+                        train_model, loader, optimizer, self.task, epoch_settings, epoch=epoch,
+                        num_updates=num_updates, scheduler=scheduler, ema=ema, extra_loader=extra,
+                    )
+                except NonFiniteLossError as error:
+                    kept = self.checkpoint_path if self.checkpoint_path.exists() else "none (no epoch finished)"
+                    raise NonFiniteLossError(
+                        f"{error}. Stopped; the last good checkpoint is {kept}. Lower --lr / --extra-lr or set "
+                        "--grad-clip, then rerun with --resume."
+                    ) from None
             if scheduler is not None:
                 scheduler.step(epoch + 1)
             # The ranks' BatchNorm statistics differ where they train: the saved model is their mean
@@ -222,23 +318,42 @@ class _StageRunner:
                 average_batchnorm_statistics(ema.module)
             eval_model = ema.module if ema is not None else model
             metrics = self.task.evaluate(eval_model, info, self.device, self.autocast_dtype)
+            self._select(eval_model, epoch, metrics)
             # Epochs count from 1 everywhere a person reads them: the progress bar, this log, log.csv, plots.
-            row = {"epoch": epoch + 1, "phase": phase, **train_stats, **{f"val_{k}": v for k, v in metrics.items()}}
+            row = {"epoch": epoch + 1, "phase": phase, "backbone_steps": backbone_steps, **train_stats,
+                   **{f"val_{k}": v for k, v in metrics.items()}}
             history.append(row)
             if info.is_main:
-                tqdm.write(
-                    f"{self.spec.variant} epoch {epoch + 1}/{self.epochs}: loss {train_stats['loss']:.4f} "
-                    f"(task {train_stats['task_loss']:.4f}, denoise {train_stats['denoise_loss']:.4f}), "
-                    f"val {self.task.primary_metric} {metrics[self.task.primary_metric]:.2f}, "
-                    f"{train_stats['samples_per_s']:.0f} samples/s",
-                    file=sys.stderr,
-                )
+                value = f"val {self.task.primary_metric} {metrics[self.task.primary_metric]:.2f}"
+                if phase == "idle":
+                    line = f"idle (the recipe trains its denoisers), {value}"
+                else:
+                    line = (f"loss {train_stats['loss']:.4f} (task {train_stats['task_loss']:.4f}, denoise "
+                            f"{train_stats['denoise_loss']:.4f}), {value}, {train_stats['samples_per_s']:.0f} samples/s")
+                tqdm.write(f"{self.spec.variant} epoch {epoch + 1}/{self.epochs}"
+                           f"{f' [{phase}]' if self.alternates else ''}: {line}", file=sys.stderr)
                 self._save_checkpoint(model, optimizer, scheduler, ema, epoch, num_updates, history)
                 self._append_log(row)
                 self._log_tensorboard(row)
             barrier()
         final = ema.module if ema is not None else model
         return self._finish(final, history)
+
+    # -- which epoch the stage keeps --------------------------------------------------------------
+    def _select(self, model: nn.Module, epoch: int, metrics: dict) -> None:
+        """With select "best", keep the weights of the best validation metric so far (NaN never wins)."""
+        if self.cfg.select != "best":
+            return
+        value = float(metrics[self.task.primary_metric])
+        value = value if math.isfinite(value) else -math.inf
+        if self.best is None or value > self.best["metric"]:
+            self.best = {"epoch": epoch + 1, "metric": value,
+                         "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+
+    def _patience_exhausted(self, epoch: int) -> bool:
+        """The baseline's early stop: ``baseline_patience`` epochs after its best one without a better one."""
+        patience = self.cfg.baseline_patience
+        return bool(self.is_baseline and patience and self.best and epoch - self.best["epoch"] >= patience)
 
     # -- the denoisers' own objective ----------------------------------------------------------
     @functools.cached_property
@@ -276,7 +391,10 @@ class _StageRunner:
 
     def _finish(self, model: nn.Module, history: list[dict]) -> StageResult:
         info, task = self.info, self.task
-        extra: dict = {}
+        extra: dict = {"select": self.cfg.select, "backbone_steps": sum(row.get("backbone_steps", 0) for row in history)}
+        if self.best is not None:
+            model.load_state_dict(self.best["model"])
+            extra["selected_epoch"] = self.best["epoch"]
         if self.spec.stage == "denoise":
             self.noise_loss["end"] = self._noise_loss(model)
             extra["noise_loss"] = self.noise_loss
@@ -298,6 +416,9 @@ class _StageRunner:
                 extra.update(task.compare_outputs(unfused_outputs, task.predictions(model, self.device)))
         else:
             metrics = task.evaluate(model, info, self.device, self.autocast_dtype)
+        if getattr(task, "has_test_split", False):
+            # The one read of the test split: the stage's final (selected, fused) weights, after selection.
+            extra["test_metrics"] = task.evaluate(model, info, self.device, self.autocast_dtype, split="test")
         result = StageResult(self.spec.variant, self.spec.stage, metrics, history, extra=extra, model=model)
         if info.is_main:
             weights = self.stage_dir / "model.safetensors"
@@ -355,6 +476,7 @@ class _StageRunner:
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
             "noise_loss": self.noise_loss,
+            "best": self.best,
             "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
@@ -378,6 +500,7 @@ class _StageRunner:
         if ema is not None and payload["ema"] is not None:
             ema.load_state_dict(payload["ema"])
         self.noise_loss = payload.get("noise_loss") or {}
+        self.best = payload.get("best")
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         _set_numpy_state(rng["numpy"])

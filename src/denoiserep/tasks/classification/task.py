@@ -32,10 +32,16 @@ class ClassificationTask(TaskBase):
     metric_label = "top-1"
     demo_defaults = {"data": "digits", "epochs": 30, "extra_epochs": 10, "name": "demo"}
     data_sources = "digits | mnist1d | imagefolder:PATH | cifar10:PATH | cifar100:PATH | PATH (one of those layouts)"
+    supports_test_split = True
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         self.data: ClassificationData = load_classification_data(cfg.data, image_size=cfg.image_size)
+        # The validation images, and (--test-fraction) the held-out test images, stratified by class.
+        labels = getattr(self.data.val, "targets", None)
+        labels = getattr(self.data.val, "labels", None) if labels is None else labels
+        self.val, self.test = self.hold_out_test(self.data.val, None if labels is None else [int(y) for y in labels],
+                                                 f"validation images of {self.data.name}")
         load = functools.partial(load_unlabeled_images, image_size=self.data.input_shape[-1],
                                  in_chans=self.data.input_shape[0])
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, load,
@@ -71,7 +77,7 @@ class ClassificationTask(TaskBase):
         return HeadedClassifier(model, head)
 
     def example_inputs(self, device: torch.device, batch: int = 2) -> torch.Tensor:
-        return torch.stack([self.data.val[i][0] for i in range(min(batch, len(self.data.val)))]).to(device)
+        return torch.stack([self.val[i][0] for i in range(min(batch, len(self.val)))]).to(device)
 
     # -- training -----------------------------------------------------------------------------
     def train_loader(self, info: DistInfo, seed: int, epoch: int, for_denoisers: bool = False) -> DataLoader:
@@ -107,11 +113,12 @@ class ClassificationTask(TaskBase):
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module, info: DistInfo, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                 autocast_dtype: torch.dtype | None = None, split: str = "val") -> dict[str, float]:
         """Top-1/top-5 accuracy (%) and mean cross-entropy, summed exactly over ranks."""
+        dataset = self.eval_split(split)
         was_training = model.training
         model.eval()
-        subset = Subset(self.data.val, shard_indices(len(self.data.val), info))
+        subset = Subset(dataset, shard_indices(len(dataset), info))
         loader = DataLoader(subset, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
         correct1 = correct5 = loss_sum = count = 0.0
         k = min(5, self.data.num_classes)
@@ -132,14 +139,14 @@ class ClassificationTask(TaskBase):
 
     def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
         """The first ``max_batches`` validation batches, inputs only (fixed: for noise-loss diagnostics)."""
-        loader = DataLoader(self.data.val, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
+        loader = DataLoader(self.val, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
         return [inputs for inputs, _ in itertools.islice(loader, max_batches)]
 
     @torch.no_grad()
     def predictions(self, model: nn.Module, device: torch.device) -> torch.Tensor:
         """Logits on the whole validation set (single process): used to compare fused vs unfused."""
         model.eval()
-        loader = DataLoader(self.data.val, batch_size=self.cfg.eval_batch_size)
+        loader = DataLoader(self.val, batch_size=self.cfg.eval_batch_size)
         return torch.cat([model(inputs.to(device)).float().cpu() for inputs, _ in loader])
 
     def compare_outputs(self, unfused: torch.Tensor, fused: torch.Tensor) -> dict:

@@ -54,6 +54,7 @@ class DetectionTask(TaskBase):
 
     # The backbone (the paper), the backbone and its FPN, or every layer of the detector.
     convert_scopes = ("backbone", "backbone+neck", "all")
+    supports_test_split = True
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
@@ -68,6 +69,8 @@ class DetectionTask(TaskBase):
                              "transformer are not one module with the backbone); use backbone or all")
         self.iou_types = ("bbox", "segm") if self.family == "maskrcnn" else ("bbox",)
         self.data: DetectionData = load_detection_data(cfg.data, with_masks=self.family == "maskrcnn")
+        # The validation images, and (--test-fraction) the held-out test images (every other one at 0.5).
+        self.val, self.test = self.hold_out_test(self.data.val, what=f"validation images of {cfg.data}")
         self.train_set: Dataset = SkipUnreadable(self.data.train) if cfg.skip_bad_images else self.data.train
         if hasattr(self.data.train, "aspect_ratios"):
             warn_about_small_groups(self.data.train.aspect_ratios(), cfg.batch_size, f"{cfg.data} training set")
@@ -82,7 +85,7 @@ class DetectionTask(TaskBase):
 
     def example_inputs(self, device: torch.device, batch: int = 2) -> list[torch.Tensor]:
         """Validation images (a list: detection images differ in size)."""
-        return [self.data.val[i][0].to(device) for i in range(min(batch, len(self.data.val)))]
+        return [self.val[i][0].to(device) for i in range(min(batch, len(self.val)))]
 
     def conversion_root(self, model: nn.Module) -> nn.Module:
         """The timm backbone (default), the backbone with its FPN, or the whole detector."""
@@ -126,10 +129,11 @@ class DetectionTask(TaskBase):
         return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers, collate)
 
     def validation_inputs(self, max_batches: int) -> list[list[torch.Tensor]]:
-        return [images for images, _ in itertools.islice(self._val_batches(range(len(self.data.val))), max_batches)]
+        return [images for images, _ in itertools.islice(self._val_batches(range(len(self.val))), max_batches)]
 
-    def _val_batches(self, indices) -> DataLoader:
-        return DataLoader(Subset(self.data.val, list(indices)), batch_size=self.cfg.eval_batch_size,
+    def _val_batches(self, indices, dataset: Dataset | None = None) -> DataLoader:
+        return DataLoader(Subset(self.val if dataset is None else dataset, list(indices)),
+                          batch_size=self.cfg.eval_batch_size,
                           num_workers=self.cfg.workers, collate_fn=collate)
 
     # -- training ----------------------------------------------------------------------------
@@ -160,15 +164,16 @@ class DetectionTask(TaskBase):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, info: DistInfo, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                 autocast_dtype: torch.dtype | None = None, split: str = "val") -> dict[str, float]:
         """COCO AP, AP50, AP75, APs, APm, APl (and ``segm_…`` for Mask R-CNN) in percent; each rank
         detects its shard, COCOeval runs once on rank 0 and every rank gets its result."""
+        dataset = self.eval_split(split)
         was_training = model.training
         model.eval()
         metric = DetectionMetric(self.iou_types)
-        indices = shard_indices(len(self.data.val), info)
+        indices = shard_indices(len(dataset), info)
         for start, (images, targets) in zip(range(0, len(indices), self.cfg.eval_batch_size),
-                                            self._val_batches(indices)):
+                                            self._val_batches(indices, dataset)):
             ids = indices[start:start + len(images)]
             metric.update(self.detect(model, images, device, autocast_dtype), targets, image_ids=ids)
         model.train(was_training)
@@ -178,7 +183,7 @@ class DetectionTask(TaskBase):
     def predictions(self, model: nn.Module, device: torch.device) -> list[dict]:
         """Detections on the first `PREDICTION_IMAGES` validation images (one process)."""
         model.eval()
-        indices = range(min(PREDICTION_IMAGES, len(self.data.val)))
+        indices = range(min(PREDICTION_IMAGES, len(self.val)))
         return [out for images, _ in self._val_batches(indices) for out in self.detect(model, images, device)]
 
     def compare_outputs(self, unfused: list[dict], fused: list[dict]) -> dict:
@@ -194,7 +199,7 @@ class DetectionTask(TaskBase):
             if not (within(box_diffs[-1], BOX_TOLERANCE) and within(score_diffs[-1], SCORE_TOLERANCE)):
                 differing += 1
         box_diff, score_diff = worst(box_diffs), worst(score_diffs)
-        targets = [self.data.val[i][1] for i in range(len(unfused))]
+        targets = [self.val[i][1] for i in range(len(unfused))]
         return {"detection_images_differ": differing, "compared_images": len(unfused),
                 "max_box_difference": box_diff, "max_score_difference": score_diff,
                 "unfused_ap": evaluate_detections(unfused, targets, self.iou_types)["AP"],

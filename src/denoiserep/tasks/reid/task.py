@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from ...metrics.reid import evaluate_features
 from ...models import default_model_for
 from ...train.config import TrainConfig
 from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
-from ..base import TaskBase
+from ..base import TaskBase, holdout_split
 from .data import READERS, MergedReidDataset, ReidSample, load_reid_spec
 from .digits import NAME as DIGITS_REID, DigitsReid, load_digits_reid
 from .losses import ReidLoss
@@ -113,6 +114,43 @@ def _gather_rows(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tenso
     return out
 
 
+@dataclass(frozen=True)
+class ReidEvalSet:
+    """What one evaluation split scores: query + gallery images (queries first) and their ids."""
+
+    images: Dataset
+    q_pids: np.ndarray
+    q_camids: np.ndarray
+    g_pids: np.ndarray
+    g_camids: np.ndarray
+
+    @property
+    def num_query(self) -> int:
+        return len(self.q_pids)
+
+    @property
+    def num_gallery(self) -> int:
+        return len(self.g_pids)
+
+    def split(self, fraction: float, name: str) -> tuple["ReidEvalSet", "ReidEvalSet | None"]:
+        """(validation, held-out test) by identity (`holdout_split` over the sorted identities of query
+        and gallery): a test identity's queries and gallery images are all in the test split."""
+        if fraction <= 0:
+            return self, None
+        identities = sorted(set(self.q_pids.tolist()) | set(self.g_pids.tolist()))
+        _, test_idx = holdout_split(len(identities), fraction, what=f"query/gallery identities of {name}")
+        test_ids = {identities[i] for i in test_idx}
+        pids = np.concatenate([self.q_pids, self.g_pids])
+        in_test = np.array([pid in test_ids for pid in pids.tolist()], dtype=bool)
+
+        def part(mask: np.ndarray) -> "ReidEvalSet":
+            q_mask, g_mask = mask[:self.num_query], mask[self.num_query:]
+            return ReidEvalSet(Subset(self.images, np.flatnonzero(mask).tolist()), self.q_pids[q_mask],
+                               self.q_camids[q_mask], self.g_pids[g_mask], self.g_camids[g_mask])
+
+        return part(~in_test), part(in_test)
+
+
 def _ids(samples) -> tuple[np.ndarray, np.ndarray]:
     return np.array([s.pid for s in samples], dtype=np.int64), np.array([s.camid for s in samples], dtype=np.int64)
 
@@ -133,23 +171,29 @@ class ReidTask(TaskBase):
                      "name": "demo-reid"}
     demo_note = ("Note: this is a smoke demo of the ReID pipeline on handwritten digits (identity = digit × "
                  "handwriting style), not a ReID benchmark.\n")
+    supports_test_split = True
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         spec = cfg.data.strip()
         self.is_digits = spec == DIGITS_REID
         if self.is_digits:
-            self._init_digits()
+            full = self._init_digits()
         else:
-            self._init_disk(spec)
-        self._check_protocol()
+            full = self._init_disk(spec)
+        self.eval_name = getattr(self, "eval_name", self.dataset_name)
+        # The validation query/gallery, and (--test-fraction) the held-out test identities.
+        self.val, self.test = full.split(cfg.test_fraction, self.eval_name)
+        for split in (self.val, self.test):
+            if split is not None:
+                self._check_protocol(split)
         self.loss = ReidLoss(label_smoothing=cfg.label_smoothing)
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, self._unlabeled,
                                                             cfg.skip_bad_images)
         if cfg.skip_bad_images:
             self.train = SkipUnreadable(self.train)  # training only: evaluation images keep their identities
 
-    def _init_digits(self) -> None:
+    def _init_digits(self) -> ReidEvalSet:
         if self.cfg.image_size not in (None, 8):
             raise ValueError(f"'{DIGITS_REID}' has 8x8 images, so image_size={self.cfg.image_size} cannot be applied; "
                              "leave --image-size unset")
@@ -161,14 +205,13 @@ class ReidTask(TaskBase):
         self.in_chans = data.input_shape[0]
         self.train_pids = data.train.pids.tolist()
         self.train = _TensorReidDataset(data.train.images, data.train.pids)
-        self.eval_set = _TensorReidDataset(torch.cat([data.query.images, data.gallery.images]),
-                                           torch.cat([data.query.pids, data.gallery.pids]))
-        self.num_query, self.num_gallery = len(data.query), len(data.gallery)
-        self.q_pids, self.q_camids = data.query.pids.numpy(), data.query.camids.numpy()
-        self.g_pids, self.g_camids = data.gallery.pids.numpy(), data.gallery.camids.numpy()
         self.eval_transform = None
+        return ReidEvalSet(_TensorReidDataset(torch.cat([data.query.images, data.gallery.images]),
+                                              torch.cat([data.query.pids, data.gallery.pids])),
+                           data.query.pids.numpy(), data.query.camids.numpy(), data.gallery.pids.numpy(),
+                           data.gallery.camids.numpy())
 
-    def _init_disk(self, spec: str) -> None:
+    def _init_disk(self, spec: str) -> ReidEvalSet:
         if ":" not in spec:
             raise ValueError(
                 f"unknown ReID data {spec!r}: use '{DIGITS_REID}' (embedded) or NAME:PATH[,NAME:PATH...] with NAME in "
@@ -191,10 +234,8 @@ class ReidTask(TaskBase):
         train_tf, self.eval_transform = reid_transforms(self.input_size, mean, std)
         self.train_pids = [s.pid for s in merged.train]
         self.train = _ImageReidDataset(list(merged.train), train_tf)
-        self.eval_set = _ImageReidDataset(list(part.query) + list(part.gallery), self.eval_transform)
-        self.num_query, self.num_gallery = len(part.query), len(part.gallery)
-        self.q_pids, self.q_camids = _ids(part.query)
-        self.g_pids, self.g_camids = _ids(part.gallery)
+        return ReidEvalSet(_ImageReidDataset(list(part.query) + list(part.gallery), self.eval_transform),
+                           *_ids(part.query), *_ids(part.gallery))
 
     def _disk_input_size(self) -> tuple[int, int]:
         """(H, W): ``img_size`` of --model-kwargs, else --image-size H as H × H/2, else 256 × 128."""
@@ -221,28 +262,28 @@ class ReidTask(TaskBase):
             mean, std = (float(np.mean(mean)),) * self.in_chans, (float(np.mean(std)),) * self.in_chans
         return mean, std
 
-    def _check_protocol(self) -> None:
-        """Fail before training if the evaluation split cannot be scored; warn about queries
+    def _check_protocol(self, split: ReidEvalSet) -> None:
+        """Fail before training if an evaluation split cannot be scored; warn about queries
         that will be skipped (no same-identity gallery image from another camera)."""
-        name = getattr(self, "eval_name", self.dataset_name)
-        if not len(set(self.q_pids.tolist()) & set(self.g_pids.tolist())):
+        name = self.eval_name
+        if not len(set(split.q_pids.tolist()) & set(split.g_pids.tolist())):
             raise ValueError(
-                f"{name}: none of the {self.num_query} query identities appear in the {self.num_gallery}-image "
+                f"{name}: none of the {split.num_query} query identities appear in the {split.num_gallery}-image "
                 "gallery, so no query can be scored; query/ and bounding_box_test/ must come from the same dataset"
             )
         gallery_cams: dict[int, set[int]] = {}
-        for pid, cam in zip(self.g_pids.tolist(), self.g_camids.tolist()):
+        for pid, cam in zip(split.g_pids.tolist(), split.g_camids.tolist()):
             gallery_cams.setdefault(pid, set()).add(cam)
-        queries = zip(self.q_pids.tolist(), self.q_camids.tolist())
+        queries = zip(split.q_pids.tolist(), split.q_camids.tolist())
         valid = sum(bool(gallery_cams.get(pid, set()) - {cam}) for pid, cam in queries)
         if valid == 0:
             raise ValueError(
                 f"{name}: no query has a same-identity gallery image from ANOTHER camera; the ReID protocol "
                 "discards same-camera matches, so nothing can be scored. Check the camera ids in the file names."
             )
-        if valid < self.num_query:
+        if valid < split.num_query:
             logger.warning("%s: %d of %d queries have no cross-camera match in the gallery and will be skipped "
-                           "(reported as skipped_queries)", name, self.num_query - valid, self.num_query)
+                           "(reported as skipped_queries)", name, split.num_query - valid, split.num_query)
 
     def _unlabeled(self, path: str) -> Dataset:
         """Unlabeled images (items ``(image, -1)``): for on-disk data through the ReID eval
@@ -278,8 +319,8 @@ class ReidTask(TaskBase):
         return model
 
     def example_inputs(self, device: torch.device, batch: int = 2) -> torch.Tensor:
-        count = min(batch, len(self.eval_set))
-        return torch.stack([self.eval_set[i][0] for i in range(count)]).to(device)
+        count = min(batch, len(self.val.images))
+        return torch.stack([self.val.images[i][0] for i in range(count)]).to(device)
 
     # -- training -----------------------------------------------------------------------------
     def train_loader(self, info: DistInfo, seed: int, epoch: int, for_denoisers: bool = False) -> DataLoader:
@@ -304,12 +345,14 @@ class ReidTask(TaskBase):
     # -- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
     def _features(self, model: nn.Module, info: DistInfo, device: torch.device,
-                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Embeddings of query + gallery (in that order), each rank extracting its shard."""
+                  autocast_dtype: torch.dtype | None = None, split: ReidEvalSet | None = None) -> torch.Tensor:
+        """Embeddings of query + gallery (in that order) of ``split`` (the validation split by default),
+        each rank extracting its shard."""
+        images = (split or self.val).images
         was_training = model.training
         model.eval()
-        indices = shard_indices(len(self.eval_set), info)
-        loader = DataLoader(Subset(self.eval_set, indices), batch_size=self.cfg.eval_batch_size,
+        indices = shard_indices(len(images), info)
+        loader = DataLoader(Subset(images, indices), batch_size=self.cfg.eval_batch_size,
                             num_workers=self.cfg.workers)
         chunks = []
         for inputs, _ in loader:
@@ -317,30 +360,30 @@ class ReidTask(TaskBase):
                 chunks.append(model(inputs.to(device)).float())
         model.train(was_training)
         local = torch.cat(chunks) if chunks else torch.zeros((0, self.feature_dim(model)), device=device)
-        return _gather_rows(local, len(self.eval_set), info)
+        return _gather_rows(local, len(images), info)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, info: DistInfo, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                 autocast_dtype: torch.dtype | None = None, split: str = "val") -> dict[str, float]:
         """mAP and CMC rank-1/5/10 (%) on the (first dataset's) query/gallery, cosine distance on
         L2-normalised embeddings, same-identity same-camera gallery images discarded."""
-        features = self._features(model, info, device, autocast_dtype)
-        query, gallery = features[:self.num_query], features[self.num_query:]
+        part: ReidEvalSet = self.eval_split(split)
+        features = self._features(model, info, device, autocast_dtype, part)
+        query, gallery = features[:part.num_query], features[part.num_query:]
         try:
-            result = evaluate_features(query, gallery, self.q_pids, self.g_pids, self.q_camids, self.g_camids,
+            result = evaluate_features(query, gallery, part.q_pids, part.g_pids, part.q_camids, part.g_camids,
                                        metric="cosine", normalize=True, max_rank=MAX_RANK)
         except ValueError as error:
-            name = getattr(self, "eval_name", self.dataset_name)
-            raise ValueError(f"ReID evaluation on {name} ({self.num_query} queries, {self.num_gallery} gallery "
-                             f"images) failed: {error}") from None
+            raise ValueError(f"ReID evaluation on {self.eval_name} ({part.num_query} queries, {part.num_gallery} "
+                             f"gallery images) failed: {error}") from None
         cmc = result.cmc
         return {"mAP": 100.0 * result.mAP, "rank1": 100.0 * float(cmc[0]), "rank5": 100.0 * float(cmc[4]),
-                "rank10": 100.0 * float(cmc[9]), "num_query": self.num_query, "num_gallery": self.num_gallery,
+                "rank10": 100.0 * float(cmc[9]), "num_query": part.num_query, "num_gallery": part.num_gallery,
                 "skipped_queries": result.num_skipped_queries}
 
     def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
         """The first ``max_batches`` query + gallery batches, images only (fixed: for noise-loss diagnostics)."""
-        loader = DataLoader(self.eval_set, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
+        loader = DataLoader(self.val.images, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
         return [inputs for inputs, _ in itertools.islice(loader, max_batches)]
 
     @torch.no_grad()
@@ -354,7 +397,7 @@ class ReidTask(TaskBase):
         gallery image (rank-1 retrieval, cosine) changes."""
         def nearest(features: torch.Tensor) -> torch.Tensor:
             features = F.normalize(features.float(), dim=1)
-            return (features[:self.num_query] @ features[self.num_query:].T).argmax(1)
+            return (features[:self.val.num_query] @ features[self.val.num_query:].T).argmax(1)
 
         error = max_abs_difference(unfused, fused)
         return {"fused_vs_unfused_max_feature_error": error,

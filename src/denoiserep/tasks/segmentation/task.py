@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ...data.images import SkipUnreadable, unlabeled_datasets
 from ...head import DenoiseHead
@@ -43,6 +43,7 @@ class SegmentationTask(TaskBase):
                  "scenes (11 classes), not ADE20K.\n")
 
     convert_scopes = ("backbone", "all")  # the encoder, or the whole network
+    supports_test_split = True
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
@@ -54,6 +55,8 @@ class SegmentationTask(TaskBase):
                              f"{self.window}): the pixels between two windows would get no prediction. Use a stride "
                              f"of at most {self.window} (mmseg: about 2/3 of the crop)")
         self.data: SegmentationData = load_segmentation_data(cfg.data, crop_size=cfg.crop_size)
+        # The validation images, and (--test-fraction) the held-out test images (every other one at 0.5).
+        self.val, self.test = self.hold_out_test(self.data.val, what=f"validation images of {cfg.data}")
         self.train_set = SkipUnreadable(self.data.train) if cfg.skip_bad_images else self.data.train
         self.extra, self.denoise_train = unlabeled_datasets(cfg.extra_data, cfg.denoise_data, self.data.unlabeled,
                                                             skip_unreadable=cfg.skip_bad_images)
@@ -70,7 +73,7 @@ class SegmentationTask(TaskBase):
     def example_inputs(self, device: torch.device, batch: int = 2) -> torch.Tensor:
         """Validation images; full-resolution ones differ in size, so more than one is cropped to the
         smallest of them."""
-        images = [self.data.val[i][0] for i in range(min(batch, len(self.data.val)))]
+        images = [self.val[i][0] for i in range(min(batch, len(self.val)))]
         height = min(image.shape[-2] for image in images)
         width = min(image.shape[-1] for image in images)
         return torch.stack([image[..., :height, :width] for image in images]).to(device)
@@ -103,7 +106,7 @@ class SegmentationTask(TaskBase):
         return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
 
     def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
-        batches = self._val_batches(list(range(len(self.data.val))))
+        batches = self._val_batches(list(range(len(self.val))))
         return [images for images, _ in itertools.islice(batches, max_batches)]
 
     # -- training ----------------------------------------------------------------------------
@@ -148,29 +151,31 @@ class SegmentationTask(TaskBase):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, info: DistInfo, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                 autocast_dtype: torch.dtype | None = None, split: str = "val") -> dict[str, float]:
         """aAcc, mIoU, mAcc and mBIoU in percent over the validation set (each rank its shard, counts
         summed over ranks)."""
         was_training = model.training
         model.eval()
         metric = SegmentationMetric(self.data.num_classes, IGNORE_INDEX)
-        for images, masks in self._val_batches(shard_indices(len(self.data.val), info)):
+        dataset = self.eval_split(split)
+        for images, masks in self._val_batches(shard_indices(len(dataset), info), dataset):
             metric.update(self.predict(model, images.to(device), autocast_dtype).cpu(), masks)
         model.train(was_training)
         metric.all_reduce()
         result = metric.compute()
         return {key: 100.0 * result[key] for key in ("mIoU", "aAcc", "mAcc", "mBIoU")}
 
-    def _val_batches(self, indices: list[int]):
+    def _val_batches(self, indices: list[int], dataset: Dataset | None = None):
         """Fixed-size data (digit scenes) in batches; full-resolution files one image at a time."""
         batch = self.cfg.eval_batch_size if self.data.name == "digit-scenes" else 1
-        return DataLoader(Subset(self.data.val, indices), batch_size=batch, num_workers=self.cfg.workers)
+        return DataLoader(Subset(self.val if dataset is None else dataset, indices), batch_size=batch,
+                          num_workers=self.cfg.workers)
 
     @torch.no_grad()
     def predictions(self, model: nn.Module, device: torch.device) -> list[torch.Tensor]:
         """Argmax maps of the first `PREDICTION_IMAGES` validation images (one process)."""
         model.eval()
-        indices = list(range(min(PREDICTION_IMAGES, len(self.data.val))))
+        indices = list(range(min(PREDICTION_IMAGES, len(self.val))))
         return [pred.to(torch.uint8 if self.data.num_classes <= 256 else torch.int32).cpu()
                 for images, _ in self._val_batches(indices) for pred in self.predict(model, images.to(device))]
 
