@@ -242,3 +242,20 @@ def test_uncollected_noise_losses_are_bounded_and_the_user_is_told():
         for _ in range(MAX_PENDING_LOSSES + 1):
             model(x)
     assert all(len(d._pending_losses) == MAX_PENDING_LOSSES for _, _, d in dr.layer_denoisers(model))
+
+
+@pytest.mark.parametrize("sample_noise", [False, True])
+def test_the_denoise_heads_sampler_takes_the_reverse_steps_of_its_definition(sample_noise):
+    torch.manual_seed(0)
+    head = DenoiseHead(dim=5, steps=7, hidden_dim=16, schedule="ddpm", num_timesteps=50, sample_noise=sample_noise,
+                       noise_seed=3).eval()
+    features = torch.randn(4, 5)
+    x = features
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in range(7, 0, -1):  # F_{t−1} = c3 F_t − c1 D(F_t, t) + σ_t z, step by step
+            predicted = head.predict_noise(x, torch.full((4,), t))
+            x = head.c3[t - 1] * x - head.c1[t - 1] * predicted
+            if sample_noise and t > 1:
+                x = x + head.sigma[t - 1] * torch.randn(x.shape, generator=generator)
+        torch.testing.assert_close(head(features), x, rtol=1e-5, atol=1e-6)

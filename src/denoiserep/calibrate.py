@@ -198,7 +198,7 @@ def fit_layer(denoiser: LayerDenoiser, fit: InputStatistics, heldout: InputStati
         matrix = spectrum.optimum(n, rho) if spectrum is not None else full_rank_optimum(fit, s, n, rho)
         fitted = LinearDenoiser(torch.empty(0), matrix=matrix)
     else:
-        factor, inverse_transpose = spectrum.factor(rho) if spectrum is not None else cholesky_factor(fit, s, n, rho)
+        factor, inverse_transpose = cholesky_factor(fit, s, n, rho)
         current = linear_denoiser(denoiser)
         identity = torch.full_like(current.diag, (denoiser.c3 - 1.0) / denoiser.c1)
         candidates = [(current.diag, current.U, current.V), (identity, torch.zeros_like(current.U), current.V)]
@@ -224,11 +224,16 @@ def assign(denoiser: LayerDenoiser, fitted: LinearDenoiser, fit_mean: torch.Tens
         denoiser.a.zero_()
 
 
+def _product_dtype(denoiser: LayerDenoiser) -> torch.dtype:
+    """The dtype of a report's d³ product: the denoiser's own precision, float32 at least."""
+    return torch.promote_types(denoiser.a.dtype, torch.float32)
+
+
 def _layer_loss(name: str, layer: nn.Module, denoiser: LayerDenoiser, stats: InputStatistics,
                 l1: float | None = None, l2: float | None = None) -> LayerNoiseLoss:
     s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
     if l2 is None:
-        l2 = float(expected_l2(linear_denoiser(denoiser), stats, s, n))
+        l2 = float(expected_l2(linear_denoiser(denoiser), stats, s, n, _product_dtype(denoiser)))
     with torch.no_grad():
         dtype = torch.promote_types(denoiser.a.dtype, torch.float32)
         weight = layer.parametrizations.weight.original.to(dtype)
@@ -529,11 +534,11 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
                         continue
                     measured = heldout if heldout is not None else fit
                     s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
-                    current_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n))
+                    current_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n, _product_dtype(denoiser)))
                     if pass_index == 0:
                         before[name] = _layer_loss(name, layer, denoiser, measured, l1_before.get(name), current_l2)
                     fitted, rho = fit_layer(denoiser, fit, heldout, shrinkage)
-                    fitted_l2 = float(expected_l2(fitted, measured, s, n))
+                    fitted_l2 = float(expected_l2(fitted, measured, s, n, _product_dtype(denoiser)))
                     kept = fitted_l2 > current_l2
                     if not kept:
                         assign(denoiser, fitted, fit.mean)
@@ -589,7 +594,8 @@ def _after(model: nn.Module, chunks, snapshot: dict, fitted_on: dict[str, InputS
                 continue
             s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
             after[name] = _layer_loss(name, layer, denoiser, stats[name])
-            start_l2 = float(expected_l2(linear_denoiser(denoiser, snapshot[name]), stats[name], s, n))
+            start_l2 = float(expected_l2(linear_denoiser(denoiser, snapshot[name]), stats[name], s, n,
+                                         _product_dtype(denoiser)))
             # Float32 parameters round the float64 fit: a relative 1e-6 is rounding, not a worse fit.
             if after[name].l2 > start_l2 + 1e-6 * abs(start_l2) + 1e-12:
                 worse.append((name, start_l2, after[name].l2))

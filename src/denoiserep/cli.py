@@ -104,6 +104,9 @@ _CONFIG_FLAGS: list[tuple[str, str, dict]] = [
     ("--head-steps", "head_steps", {"type": int, "help": "DenoiseRep⁻ reverse steps"}),
     ("--device", "device", {"choices": ["auto", "cpu", "cuda"], "help": "auto: CUDA when available"}),
     ("--threads", "threads", {"type": int, "help": "torch CPU threads (default: 1 below 5M parameters, else torch's)"}),
+    ("--compile", "compile", {"action": "store_true",
+                              "help": "torch.compile the training step (CUDA graphs on a GPU); the same step, "
+                                      "fewer kernel launches, after a compilation in the first steps"}),
     ("--skip-bad-images", "skip_bad_images", {"action": "store_true",
                                               "help": "replace unreadable training images (counted, logged) instead "
                                                       "of stopping"}),

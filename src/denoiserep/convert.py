@@ -631,7 +631,7 @@ def denoise_loss(model: nn.Module) -> torch.Tensor:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=device)
     # float32 at least (half-precision losses are summed in float32; a float64 model's stay float64).
-    dtype = functools.reduce(torch.promote_types, (loss.dtype for loss, _ in losses), torch.float32)
+    dtype = torch.float64 if any(loss.dtype == torch.float64 for loss, _ in losses) else torch.float32
     values = [loss if loss.dtype == dtype else loss.to(dtype) for loss, _ in losses]
     if len(values) == 1:
         return values[0] * losses[0][1]

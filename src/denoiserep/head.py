@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from .layer_step import axpy
 from .noise_loss import noise_prediction_loss
 from .schedule import make_schedule
 
@@ -60,6 +61,8 @@ class DenoiseHead(nn.Module):
         for field in ("c1", "c3", "sigma", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar"):
             values = torch.tensor([getattr(c, field) for c in coefficients], dtype=torch.float32)
             self.register_buffer(field, values, persistent=False)
+        # The sampler's per-step scalars as Python floats: reading them from the device each step would wait.
+        self.step_scalars = {field: getattr(self, field).tolist() for field in ("c1", "c3", "sigma")}
         self.time_mlp = nn.Sequential(
             nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
         )
@@ -85,14 +88,27 @@ class DenoiseHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             self._pending_losses.append(self.noise_loss(features))
+        return self.sample(features)
+
+    def sample(self, features: torch.Tensor) -> torch.Tensor:
+        """F_0 from F_steps = ``features``: ``steps`` reverse steps F_{t−1} = c3 F_t − c1 D(F_t, t) (+ σ z).
+
+        The timestep's contribution to D is the same for every sample: the time MLP runs once for
+        all t, and each step's is folded into the input projection's bias, so that a step is four
+        matrix products, two activations and one update (on a GPU these small steps are
+        launch-bound; `torch.compile(head.sample)` fuses them further)."""
+        t = torch.arange(1, self.steps + 1, device=features.device)
+        time = self.time_mlp(timestep_embedding(t, self.time_embed_dim).to(features.dtype))
+        biases = (time + self.input_proj.bias).unbind(0)  # per step: b + MLP(e(t))
+        weight = self.input_proj.weight.t()
+        c1, c3, sigma = (self.step_scalars[field] for field in ("c1", "c3", "sigma"))
+        generator = torch.Generator(device=features.device).manual_seed(self.noise_seed) if self.sample_noise else None
         x = features
-        generator = torch.Generator(device=x.device).manual_seed(self.noise_seed) if self.sample_noise else None
-        for t in range(self.steps, 0, -1):
-            i = t - 1
-            t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            x = self.c3[i] * x - self.c1[i] * self.predict_noise(x, t_batch)
-            if generator is not None and t > 1:
-                x = x + self.sigma[i] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        for i in range(self.steps - 1, -1, -1):
+            hidden = torch.addmm(biases[i], x.reshape(-1, self.dim), weight).reshape(*x.shape[:-1], -1)
+            x = axpy(x * c3[i], self.output(hidden), -c1[i])
+            if generator is not None and i > 0:
+                x = x + sigma[i] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x
 
     def pop_weighted_losses(self) -> list[tuple[torch.Tensor, float]]:

@@ -23,13 +23,88 @@ the same `fused_weight`, so eval and `fuse` use exactly the training forward's W
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _lazy(method):
+    """A property computed once per object (``functools.cached_property`` takes a lock on Python <
+    3.12, which torch.compile cannot trace)."""
+    name = method.__name__
+
+    def get(self):
+        if torch.compiler.is_compiling():  # traced once anyway; a traced autograd.Function mutates nothing
+            return method(self)
+        value = self.__dict__.get(name)
+        if value is None:
+            value = self.__dict__[name] = method(self)
+        return value
+
+    return property(get, doc=method.__doc__)
+
+
+# -- scaled products and sums, safe under torch.compile --------------------------------------------
+# Eager, the fused forms (``torch.addmm(..., beta, alpha)``, ``add(..., alpha)``) save operators.
+# Under torch.compile they are written out: inductor (torch 2.14) fuses ``add(x, mm(a, b), alpha)``
+# into an addmm and drops the alpha (pytorch/pytorch#167313), and fuses the written-out form as well.
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def axpy(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x + alpha · y."""
+    return x + y * alpha if _compiling() else torch.add(x, y, alpha=alpha)
+
+
+def axpy_(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x += alpha · y, in place."""
+    return x.add_(y * alpha) if _compiling() else x.add_(y, alpha=alpha)
+
+
+def addmm(x, a, b, *, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """beta · x + alpha · a b."""
+    if _compiling():
+        return x * beta + (a @ b) * alpha
+    return torch.addmm(x, a, b, beta=beta, alpha=alpha)
+
+
+def addmm_(x, a, b, *, alpha: float = 1.0) -> torch.Tensor:
+    return x.add_((a @ b) * alpha) if _compiling() else x.addmm_(a, b, alpha=alpha)
+
+
+def addmv(x, m, v, *, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    if _compiling():
+        return (m @ v) * alpha if beta == 0 else x * beta + (m @ v) * alpha
+    return torch.addmv(x, m, v, beta=beta, alpha=alpha)
+
+
+def addmv_(x, m, v, *, alpha: float = 1.0) -> torch.Tensor:
+    return x.add_((m @ v) * alpha) if _compiling() else x.addmv_(m, v, alpha=alpha)
+
+
+def addr_(x, u, v, *, alpha: float = 1.0) -> torch.Tensor:
+    return x.add_(torch.outer(u, v) * alpha) if _compiling() else x.addr_(u, v, alpha=alpha)
+
+
+def baddbmm(x, a, b, *, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    if _compiling():
+        return x * beta + torch.bmm(a, b) * alpha
+    return torch.baddbmm(x, a, b, beta=beta, alpha=alpha)
+
+
+def baddbmm_(x, a, b, *, alpha: float = 1.0) -> torch.Tensor:
+    return x.add_(torch.bmm(a, b) * alpha) if _compiling() else x.baddbmm_(a, b, alpha=alpha)
+
+
+def scaled_complement(x: torch.Tensor, c3: float, c1: float) -> torch.Tensor:
+    """c3 − c1 x."""
+    return c3 - c1 * x if _compiling() else torch.rsub(x, c3, alpha=c1)
 
 
 class Matrices:
@@ -47,21 +122,23 @@ class Matrices:
         else:
             self.diag, self.U, self.V = params
 
-    @functools.cached_property
+    @_lazy
     def A2(self) -> torch.Tensor:
         return self.A.view(self.A.shape[1:])
 
-    @functools.cached_property
+    @_lazy
     def A2t(self) -> torch.Tensor:
         return self.A2.t()
 
-    @functools.cached_property
+    @_lazy
     def flat(self) -> torch.Tensor:
         return self.A.view(-1)
 
     def kernel(self, index: int, matrix: torch.Tensor, unit: list[int]) -> torch.Tensor:
         """(groups, out, in) blocks as a grouped 1 × 1 convolution weight."""
         key = (index, len(unit))
+        if torch.compiler.is_compiling():
+            return matrix.reshape(-1, matrix.shape[-1], *unit)
         if key not in self._kernels:
             self._kernels[key] = matrix.reshape(-1, matrix.shape[-1], *unit)
         return self._kernels[key]
@@ -69,11 +146,11 @@ class Matrices:
     def dense(self) -> torch.Tensor:
         return self.A if self.form == "full" else torch.diag_embed(self.diag) + self.U @ self.V
 
-    @functools.cached_property
+    @_lazy
     def zero(self) -> torch.Tensor:
         return torch.zeros((), dtype=self.params[0].dtype, device=self.params[0].device)
 
-    @functools.cached_property
+    @_lazy
     def eye(self) -> torch.Tensor:
         d = self.params[0].shape[1]
         return torch.eye(d, dtype=self.params[0].dtype, device=self.params[0].device)
@@ -85,7 +162,7 @@ class Matrices:
 
     def residual(self, r: float) -> torch.Tensor:
         """I − r A per group, (groups, d, d), or (d, d) for `plain`."""
-        return torch.add(self.eye, self.A2 if self.plain else self.dense(), alpha=-r)
+        return axpy(self.eye, self.A2 if self.plain else self.dense(), -r)
 
 
 class WeightViews:
@@ -101,11 +178,11 @@ class WeightViews:
         self.matrix = (weight if weight.ndim == 2 else weight.view(out, d)) if self.one_matrix else None
         self.sum = self.matrix if self.one_matrix else kernel_sum(weight)
 
-    @functools.cached_property
+    @_lazy
     def matrix_t(self) -> torch.Tensor:
         return self.matrix.t()
 
-    @functools.cached_property
+    @_lazy
     def sum_t(self) -> torch.Tensor:
         return self.sum.t()
 
@@ -187,9 +264,9 @@ class Pointwise:
                             c3: float) -> torch.Tensor:
         """∂/∂t of c3 t − c1 A t applied to g: c3 g − c1 Aᵀ g (full rank)."""
         if self.conv is None:
-            return torch.addmm(grad, grad, mats.A2, beta=c3, alpha=-c1)
+            return addmm(grad, grad, mats.A2, beta=c3, alpha=-c1)
         into = self._product_grad(mats, 0, mats.A, grad, t, True, need_matrix=False)[0]
-        return into.mul_(-c1).add_(grad, alpha=c3)
+        return axpy_(into.mul_(-c1), grad, c3)
 
     def gram(self, mats: Matrices, t: torch.Tensor) -> torch.Tensor:
         """Σ over positions of t tᵀ per group: (groups, d, d)."""
@@ -212,12 +289,12 @@ def _matrix_vector(mats: Matrices, vector: torch.Tensor, *, bias: torch.Tensor |
     if mats.form == "full":
         if g == 1:
             matrix = mats.A2t if transpose else mats.A2
-            return torch.mv(matrix, vector) if bias is None else torch.addmv(bias, matrix, vector, alpha=scale)
+            return torch.mv(matrix, vector) if bias is None else addmv(bias, matrix, vector, alpha=scale)
         matrix = mats.A.mT if transpose else mats.A
         column = vector.view(g, -1, 1)
         if bias is None:
             return torch.bmm(matrix, column).view(-1)
-        return torch.baddbmm(bias.view(g, -1, 1), matrix, column, alpha=scale).view(-1)
+        return baddbmm(bias.view(g, -1, 1), matrix, column, alpha=scale).view(-1)
     column = vector.view(g, -1, 1)
     if transpose:
         low = torch.bmm(mats.V.mT, torch.bmm(mats.U.mT, column))
@@ -279,22 +356,22 @@ def fused_weight(groups: int, weight: torch.Tensor, form: str, params, c1: float
     if views.one_matrix:  # one matrix product
         rows = views.matrix
         if form == "full":
-            fused = torch.addmm(rows, rows, mats.A2, beta=c3, alpha=-c1)
+            fused = addmm(rows, rows, mats.A2, beta=c3, alpha=-c1)
         else:
             diag, u, v = mats.diag[0], mats.U[0], mats.V[0]
-            fused = torch.addmm(rows * torch.rsub(diag, c3, alpha=c1), torch.mm(rows, u), v, alpha=-c1)
+            fused = addmm(rows * scaled_complement(diag, c3, c1), torch.mm(rows, u), v, alpha=-c1)
         return fused if weight.ndim == 2 else fused.view(weight.shape)
     if groups == 1 and form == "full":
         # W's input channels contract with A as a 1 × 1 convolution over W itself (batch: its
         # outputs, spatial: its kernel): conv(W, Aᵀ)[o, j, k] = Σ_i A[i, j] W[o, i, k].
         mixed = _CONVOLUTIONS[weight.ndim - 2](weight, mats.A2t.view(*mats.A2t.shape, *[1] * (weight.ndim - 2)))
-        return mixed.mul_(-c1).add_(weight, alpha=c3)
+        return axpy_(mixed.mul_(-c1), weight, c3)
     rows = _weight_rows(weight, groups)
     if form == "full":
-        fused = torch.baddbmm(rows, rows, mats.A, beta=c3, alpha=-c1)
+        fused = baddbmm(rows, rows, mats.A, beta=c3, alpha=-c1)
     else:
-        scaled = rows * torch.rsub(mats.diag, c3, alpha=c1).unsqueeze(1)
-        fused = torch.baddbmm(scaled, rows @ mats.U, mats.V, alpha=-c1)
+        scaled = rows * scaled_complement(mats.diag, c3, c1).unsqueeze(1)
+        fused = baddbmm(scaled, rows @ mats.U, mats.V, alpha=-c1)
     return _weight_from_rows(fused, weight.shape, groups)
 
 
@@ -307,30 +384,30 @@ def add_fused_weight_grad(groups: int, weight: torch.Tensor, mats: Matrices, c1:
     if views.one_matrix:
         grad_rows = grad if grad.ndim == 2 else grad.view(views.matrix.shape)
         if mats.form == "full":
-            grads[0].addmm_(views.matrix_t, grad_rows, alpha=-c1)
+            addmm_(grads[0], views.matrix_t, grad_rows, alpha=-c1)
         else:
             cross = torch.mm(views.matrix_t, grad_rows).mul_(-c1)
             for index, value in enumerate(dense_grad(mats, cross.unsqueeze(0))):
                 grads[index].add_(value.to(grads[index].dtype))
         if not need_weight:
             return None
-        return torch.addmm(grad_rows, grad_rows, mats.dense()[0].t(), beta=c3, alpha=-c1).view(weight.shape)
+        return addmm(grad_rows, grad_rows, mats.dense()[0].t(), beta=c3, alpha=-c1).view(weight.shape)
     if groups == 1 and mats.form == "full":
         n = weight.ndim - 2
         grad_weight, grad_kernel, _ = torch.ops.aten.convolution_backward(
             grad, weight, mats.A2t.view(*mats.A2t.shape, *[1] * n), None, [1] * n, [0] * n, [1] * n, False,
             [0] * n, 1, [need_weight, True, False])
-        grads[0].add_(grad_kernel.view(mats.A2.shape).t(), alpha=-c1)
-        return grad_weight.mul_(-c1).add_(grad, alpha=c3) if need_weight else None
+        axpy_(grads[0], grad_kernel.view(mats.A2.shape).t(), -c1)
+        return axpy_(grad_weight.mul_(-c1), grad, c3) if need_weight else None
     rows, grad_rows = _weight_rows(weight, groups), _weight_rows(grad, groups)
     if mats.form == "full":
-        grads[0].baddbmm_(rows.mT, grad_rows, alpha=-c1)
+        baddbmm_(grads[0], rows.mT, grad_rows, alpha=-c1)
     else:
         for index, value in enumerate(dense_grad(mats, torch.bmm(rows.mT, grad_rows).mul_(-c1))):
             grads[index].add_(value.to(grads[index].dtype))
     if not need_weight:
         return None
-    return _weight_from_rows(torch.baddbmm(grad_rows, grad_rows, mats.dense().mT, beta=c3, alpha=-c1), weight.shape,
+    return _weight_from_rows(baddbmm(grad_rows, grad_rows, mats.dense().mT, beta=c3, alpha=-c1), weight.shape,
                              groups)
 
 
@@ -351,12 +428,12 @@ def shifted_bias(weight_sum: torch.Tensor, bias: torch.Tensor | None, vector: to
     if groups == 1:
         if bias is None:
             if zero is not None and zero.dtype == weight_sum.dtype:
-                return torch.addmv(zero, weight_sum, vector, beta=0, alpha=scale)
+                return addmv(zero, weight_sum, vector, beta=0, alpha=scale)
             return torch.mv(weight_sum, vector).mul_(scale)
-        return torch.addmv(bias, weight_sum, vector, alpha=scale)
+        return addmv(bias, weight_sum, vector, alpha=scale)
     out = weight_sum.shape[0]
     product = torch.bmm(weight_sum.view(groups, out // groups, -1), vector.view(groups, -1, 1)).view(out)
-    return product.mul_(scale) if bias is None else torch.add(bias, product, alpha=scale)
+    return product.mul_(scale) if bias is None else axpy(bias, product, scale)
 
 
 def add_shifted_bias_grad(views: WeightViews, grad: torch.Tensor, groups: int, scale: float,
@@ -366,10 +443,10 @@ def add_shifted_bias_grad(views: WeightViews, grad: torch.Tensor, groups: int, s
     if groups == 1:
         if grad_c is None:
             return torch.mv(views.sum_t, grad).mul_(scale)
-        return grad_c.addmv_(views.sum_t, grad.to(grad_c.dtype), alpha=scale)
+        return addmv_(grad_c, views.sum_t, grad.to(grad_c.dtype), alpha=scale)
     out = views.sum.shape[0]
     product = torch.bmm(views.sum.view(groups, out // groups, -1).mT, grad.view(groups, -1, 1)).view(-1)
-    return product.mul_(scale) if grad_c is None else grad_c.add_(product, alpha=scale)
+    return product.mul_(scale) if grad_c is None else axpy_(grad_c, product, scale)
 
 
 # -- the noise losses: value and state, then (∂c, the parameters' gradients) -------------------------
@@ -389,9 +466,9 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 
 def _sampled(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, loss_type: str):
     scaled_noise = torch.normal(0.0, r, rows.shape, dtype=rows.dtype, device=rows.device)  # r ε
-    noisy = torch.add(scaled_noise, rows, alpha=s)  # x_t = s x + r ε
+    noisy = axpy(scaled_noise, rows, s)  # x_t = s x + r ε
     predicted, saved = pointwise.apply(mats, noisy, c.to(noisy.dtype))
-    residuals = _as_float(predicted.sub_(scaled_noise, alpha=1.0 / r))  # A x_t + c − ε
+    residuals = _as_float(axpy_(predicted, scaled_noise, -1.0 / r))  # A x_t + c − ε
     if loss_type == "l1":
         value = torch.linalg.vector_norm(residuals, 1)
     else:
@@ -409,7 +486,7 @@ def _sampled_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tenso
     elif loss_type == "l2":
         grad_residuals = residuals.mul(scale * 2)
     else:
-        grad_residuals = torch.sign(residuals).add_(residuals, alpha=2.0).mul_(scale)
+        grad_residuals = axpy_(torch.sign(residuals), residuals, 2.0).mul_(scale)
     grad_residuals = grad_residuals.to(noisy.dtype)
     return pointwise.sum_positions(grad_residuals), pointwise.apply_grad(mats, noisy, saved, grad_residuals)
 
@@ -420,7 +497,7 @@ def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: fl
     saved = None
     if product is None:
         product, saved = pointwise.apply(mats, rows)
-    mean = _as_float(torch.add(pointwise.broadcast(c.to(product.dtype)), product, alpha=s))
+    mean = _as_float(axpy(pointwise.broadcast(c.to(product.dtype)), product, s))
     res = mats.residual(r)
     count = mean.numel()
     positions = count // pointwise.channels
@@ -435,7 +512,7 @@ def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: fl
         gauss = z.square().mul_(-0.5).exp_()
         erf = z.mul_(math.sqrt(0.5)).erf_()
         gauss_sum = pointwise.sum_positions(gauss)
-        l1 = torch.vdot(mean.reshape(-1), erf.reshape(-1)).add_(torch.dot(gauss_sum, sigma), alpha=math.sqrt(2 / math.pi))
+        l1 = axpy_(torch.vdot(mean.reshape(-1), erf.reshape(-1)), torch.dot(gauss_sum, sigma), math.sqrt(2 / math.pi))
         value = l1 if value is None else value.add_(l1)
         state.update(erf=erf, gauss_sum=gauss_sum, sigma=sigma)
     return value, state
@@ -483,20 +560,20 @@ def _gram(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float):
         offset = _matrix_vector(exact, mean_row, bias=c.to(rows.dtype), scale=s)  # s A x̄ + c
         res = exact.residual(r)
         norms = torch.linalg.vector_norm(res), torch.linalg.vector_norm(offset)
-        value = torch.add(spread, torch.addcmul(norms[1].square(), norms[0], norms[0]), alpha=count / (s * s))
+        value = axpy(spread, torch.addcmul(norms[1].square(), norms[0], norms[0]), count / (s * s))
     return value.mul_(s * s), ("gram", product, offset, res, mean_row, count)
 
 
 def _gram_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tensor, s: float, r: float):
     _, product, offset, res, mean_row, count = state
     # ∂/∂A: 2 s² A S − 2 r M (I − rA) + 2 M s (s A x̄ + c) x̄ᵀ; ∂c: 2 M (s A x̄ + c).
-    grad_matrix = torch.add(product, res, alpha=-r * count / (s * s)).mul_(grad * (2 * s * s))
+    grad_matrix = axpy(product, res, -r * count / (s * s)).mul_(grad * (2 * s * s))
     grad_offset = offset.mul(grad * (2 * count))
     g = pointwise.groups
     if g == 1:
-        grad_matrix.addr_(grad_offset, mean_row, alpha=s)
+        addr_(grad_matrix, grad_offset, mean_row, alpha=s)
     else:
-        grad_matrix.baddbmm_(grad_offset.view(g, -1, 1), mean_row.view(g, 1, -1), alpha=s)
+        baddbmm_(grad_matrix, grad_offset.view(g, -1, 1), mean_row.view(g, 1, -1), alpha=s)
     return grad_offset, [grad_matrix]
 
 
@@ -577,7 +654,7 @@ class LayerStep(torch.autograd.Function):
         if noise is None:
             bias_prime = shifted_bias(views.sum, bias, c, groups, -c1, mats.zero)
         else:
-            bias_prime = shifted_bias(views.sum, bias, torch.add(noise, c, alpha=-c1), groups, 1.0, mats.zero)
+            bias_prime = shifted_bias(views.sum, bias, axpy(noise, c, -c1), groups, 1.0, mats.zero)
         ctx.den, ctx.path, ctx.noise, ctx.mats, ctx.views = den, path, noise, mats, views
         ctx.autocast = _autocast_state(x.device.type)
         if path == "weight":
@@ -587,7 +664,7 @@ class LayerStep(torch.autograd.Function):
         else:  # full rank, expected estimator: the loss reuses the task path's A x
             inputs = den.layer_positions(x).to(params[0].dtype)
             product, _ = pointwise.apply(mats, inputs)
-            out = den.from_layer_positions(product.mul(-c1).add_(inputs, alpha=c3), x).to(x.dtype)
+            out = den.from_layer_positions(axpy_(product.mul(-c1), inputs, c3), x).to(x.dtype)
             shared, loss_layout, index = den.loss_positions_of_product(product)
             value, state = loss_forward(den, mats, c, None, loss_layout, product=shared)
             ctx.index = index
@@ -624,7 +701,7 @@ class LayerStep(torch.autograd.Function):
                 if need_bias:
                     grad_bias = grad_bias_prime
                 if need_weight:
-                    vector = c if ctx.noise is None else torch.add(ctx.noise, c, alpha=-c1)
+                    vector = c if ctx.noise is None else axpy(ctx.noise, c, -c1)
                     grad_weight = _bias_weight_grad(weight, grad_bias_prime, vector, groups,
                                                     -c1 if ctx.noise is None else 1.0)
             if path == "weight":
@@ -637,7 +714,7 @@ class LayerStep(torch.autograd.Function):
                 total = grad_product
                 if grad_out is not None:
                     grad_denoised = den.layer_positions(grad_out).to(params[0].dtype)
-                    total = grad_denoised.mul(-c1) if total is None else total.add_(grad_denoised, alpha=-c1)
+                    total = grad_denoised.mul(-c1) if total is None else axpy_(total, grad_denoised, -c1)
                     if need_x:
                         grad_x = pointwise.denoised_input_grad(mats, grad_denoised, inputs, c1, c3)
                         grad_x = den.from_layer_positions(grad_x, x).to(x.dtype)

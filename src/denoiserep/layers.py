@@ -44,6 +44,7 @@ from .layer_step import (
     Matrices,
     Pointwise,
     WeightViews,
+    axpy,
     constant,
     fused_weight,
     kernel_sum,
@@ -176,14 +177,14 @@ class LayerDenoiser(nn.Module):
 
     def bias_shift(self, weight: torch.Tensor) -> torch.Tensor:
         """``W u`` with ``u = −c1 (A e + a) + σ z``, summed over the kernel (shape: out_features)."""
-        u = torch.add(self.noise, self.constant(), alpha=-self.c1).to(weight.dtype)
+        u = axpy(self.noise, self.constant(), -self.c1).to(weight.dtype)
         return shifted_bias(kernel_sum(weight), None, u, self.groups, 1.0)
 
     def shifted_bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """b′ = b + W u as the training forward forms it."""
         c = self.constant().to(weight.dtype)
         if self.sample_noise:
-            return shifted_bias(kernel_sum(weight), bias, torch.add(self.noise, c, alpha=-self.c1), self.groups, 1.0)
+            return shifted_bias(kernel_sum(weight), bias, axpy(self.noise, c, -self.c1), self.groups, 1.0)
         return shifted_bias(kernel_sum(weight), bias, c, self.groups, -self.c1)
 
     # -- where the noise loss looks ----------------------------------------------------------

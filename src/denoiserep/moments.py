@@ -84,8 +84,9 @@ class Moments:
             self.gram += per_group.square().sum(dim=0).unsqueeze(-1).double()
         else:
             self.gram += torch.einsum("mgi,mgj->gij", per_group, per_group).double()
-        # Once per batch (one device sync): overflow in the float32 x xᵀ shows up here, not in the rows.
-        if not bool(torch.isfinite(self.sum).all() & torch.isfinite(self.gram).all()):
+        # Once per batch (one device sync): overflow in the float32 x xᵀ shows up here, not in the rows
+        # (a sum of the float64 accumulators is finite exactly when every entry is).
+        if not bool(torch.isfinite(self.gram.sum() + self.sum.sum())):
             raise NonFiniteMoments
         self.count += rows.shape[0]
 

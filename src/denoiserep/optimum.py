@@ -64,16 +64,24 @@ class LinearDenoiser:
         return self.matrix @ covariance
 
 
-def expected_l2(denoiser: LinearDenoiser, stats: InputStatistics, s: float, n: float) -> torch.Tensor:
+def expected_l2(denoiser: LinearDenoiser, stats: InputStatistics, s: float, n: float,
+                product_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``E_{x,ε} mean ‖ε − A x_t − c‖²`` over inputs with ``stats``' mean and covariance (exact; a 0-dim
-    tensor, differentiable in the denoiser's tensors)."""
+    tensor, differentiable in the denoiser's tensors). ``product_dtype``: of the one d³ product,
+    A Σ (float32 for a float32 denoiser's reports: its rounding is far below what they show)."""
     covariance = stats.covariance
     groups, d = covariance.shape[0], covariance.shape[-1]
     dense = denoiser.dense().to(covariance)
     residual = -n * dense
     residual.diagonal(dim1=-2, dim2=-1).add_(1.0)
     noise_part = residual.square().sum()
-    spread_part = s * s * (denoiser.times_covariance(covariance) * dense).sum()
+    if product_dtype == covariance.dtype or not bool(covariance.abs().amax() < 1e30):  # float32 would overflow
+        spread = denoiser.times_covariance(covariance) * dense
+    else:
+        cast = LinearDenoiser(denoiser.constant, *(None if t is None else t.to(product_dtype)
+                                                   for t in (denoiser.matrix, denoiser.diag, denoiser.U, denoiser.V)))
+        spread = cast.times_covariance(covariance.to(product_dtype)) * dense.to(product_dtype)
+    spread_part = s * s * spread.sum(dtype=torch.float64)
     mean_term = s * denoiser.times(stats.mean.reshape(groups, d, 1)).reshape(-1) + denoiser.constant.to(covariance)
     return (noise_part + spread_part + mean_term.square().sum()) / stats.channels
 
@@ -142,10 +150,13 @@ class Spectrum:
     values: torch.Tensor  # θ, (groups, d)
 
     @classmethod
-    def of(cls, stats: InputStatistics, s: float, n: float) -> "Spectrum":
+    def of(cls, stats: InputStatistics, s: float, n: float, dtype: torch.dtype = torch.float64) -> "Spectrum":
+        """In ``dtype`` (float64: in float32 the loss's flat minimum over ρ moves with the statistics'
+        rounding, and with it ρ: one process and two would choose differently)."""
         k = _k_matrix(stats.covariance, s, n)
         scale = torch.diagonal(k, dim1=-2, dim2=-1).sqrt()
-        values, vectors = torch.linalg.eigh(k / (scale.unsqueeze(-1) * scale.unsqueeze(-2)))
+        values, vectors = torch.linalg.eigh((k / (scale.unsqueeze(-1) * scale.unsqueeze(-2))).to(dtype))
+        scale = scale.to(dtype)
         # K ⪰ n² I, so θ ≥ n² / max Y: the clamp only undoes rounding.
         floor = (n * n / scale.square().amax(-1, keepdim=True))
         return cls(scale, vectors, torch.maximum(values, floor))
@@ -154,14 +165,9 @@ class Spectrum:
         return (1.0 - rho) * self.values + rho
 
     def optimum(self, n: float, rho: float) -> torch.Tensor:
-        """A_ρ = n K_ρ⁻¹."""
+        """A_ρ = n K_ρ⁻¹ (one d³ product: cheaper than a new Cholesky inverse)."""
         inverse = (self.vectors / self.shrunk_values(rho).unsqueeze(-2)) @ self.vectors.mT
         return n * inverse / (self.scale.unsqueeze(-1) * self.scale.unsqueeze(-2))
-
-    def factor(self, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F, F⁻ᵀ) with F Fᵀ = K_ρ."""
-        root = self.shrunk_values(rho).sqrt().unsqueeze(-2)
-        return self.scale.unsqueeze(-1) * self.vectors * root, self.vectors / root / self.scale.unsqueeze(-1)
 
 
 class HeldOutCurve:
@@ -177,7 +183,7 @@ class HeldOutCurve:
         self.spectrum, self.n = spectrum, n
         self.channels = heldout.channels
         whitened = spectrum.vectors / spectrum.scale.unsqueeze(-1)  # Y^-½ V
-        m = _k_matrix(heldout.second_moment_about(fit_mean), s, n)
+        m = _k_matrix(heldout.second_moment_about(fit_mean), s, n).to(whitened.dtype)
         p = whitened.mT @ m @ whitened
         q = whitened.mT @ whitened
         self.cross = p * q

@@ -103,6 +103,9 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     threads: int | None = None  # torch CPU threads; None: 1 for small models, torch's default otherwise
+    # torch.compile the training forward and backward (CUDA graphs on a GPU, "reduce-overhead"): the
+    # same step, fewer launches; the first steps pay the compilation.
+    compile: bool = False
     skip_bad_images: bool = False  # replace unreadable training images (logged) instead of stopping
     output: str = "runs"
     name: str = "run"

@@ -132,7 +132,13 @@ def shard_indices(num_samples: int, info: DistInfo) -> list[int]:
     return list(range(info.rank, num_samples, info.world_size))
 
 
-def unlabeled_loader(dataset, global_batch: int, info: DistInfo, seed: int, epoch: int, workers: int,
+def loader_options(cfg) -> dict:
+    """DataLoader settings every task's loaders share: ``--workers``, and pinned host memory when the
+    batches go to a GPU (their copy then overlaps the step instead of waiting for it)."""
+    return {"num_workers": cfg.workers, "pin_memory": cfg.device != "cpu" and torch.cuda.is_available()}
+
+
+def unlabeled_loader(dataset, global_batch: int, info: DistInfo, seed: int, epoch: int, options: dict,
                      collate_fn=None):
     """Batches of extra unlabeled images for the label-free loss (the paper's "merged datasets"):
     at most one global batch, a multiple of the number of processes. None without a dataset."""
@@ -142,4 +148,4 @@ def unlabeled_loader(dataset, global_batch: int, info: DistInfo, seed: int, epoc
         return None
     batch = min(global_batch, len(dataset) // info.world_size * info.world_size)
     sampler = GlobalBatchSampler(len(dataset), batch, info, seed + 1, epoch)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, **options)

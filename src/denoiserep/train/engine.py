@@ -107,13 +107,13 @@ def train_one_epoch(
             value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
             sums[key] = value.clone() if key not in sums else sums[key].add_(value.to(sums[key].device))
         if steps - checked == settings.check_every:
-            _check_finite(sums, settings, epoch, checked, steps)
-            bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}")
+            values = _checked_sums(sums, settings, epoch, checked, steps)
+            bar.set_postfix(loss=f"{values['loss'] / steps:.4f}")
             checked = steps
     if steps > checked:
-        _check_finite(sums, settings, epoch, checked, steps)
+        values = _checked_sums(sums, settings, epoch, checked, steps)
     elapsed = time.perf_counter() - start
-    means = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+    means = {k: v / steps for k, v in values.items()} if steps else {}
     means.setdefault("loss", 0.0)
     means.setdefault("task_loss", 0.0)
     means.setdefault("denoise_loss", 0.0)
@@ -122,11 +122,13 @@ def train_one_epoch(
     return means, num_updates
 
 
-def _check_finite(sums: dict[str, torch.Tensor], settings: EpochSettings, epoch: int, first: int, last: int) -> None:
-    """One read of the summed losses on the host: NaN or inf anywhere since the epoch began stops it."""
+def _checked_sums(sums: dict[str, torch.Tensor], settings: EpochSettings, epoch: int, first: int,
+                  last: int) -> dict[str, float]:
+    """The summed losses read on the host (one read each); NaN or inf anywhere since the epoch began
+    stops it."""
     values = {key: float(value) for key, value in sums.items()}
     if all(math.isfinite(v) for v in values.values()):
-        return
+        return values
     where = f"step {last}" if last - first == 1 else f"steps {first + 1}–{last}"
     raise NonFiniteLossError(
         f"the loss became non-finite in stage '{settings.stage}' at epoch {epoch + 1}, {where} (summed over the "

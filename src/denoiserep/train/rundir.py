@@ -15,7 +15,7 @@ from typing import Iterator
 from .config import TrainConfig
 
 # Fields that change where or how fast a run goes, not what it computes: they may differ on --resume.
-RESUMABLE_CHANGES = {"output", "name", "device", "workers", "eval_batch_size", "threads"}
+RESUMABLE_CHANGES = {"output", "name", "device", "workers", "eval_batch_size", "threads", "compile"}
 LOCK_NAME = ".lock"
 
 

@@ -44,6 +44,9 @@ from .outputs import StageResult, denoise_head, load_stage_weights, read_checkpo
 
 logger = logging.getLogger(__name__)
 
+# timm optimizer names that are torch's Adam / AdamW / SGD, which have a fused CUDA implementation.
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov")
+
 NOISE_LOSS_BATCHES = 4  # validation batches every noise-loss report of a denoise stage is measured on
 
 
@@ -226,12 +229,15 @@ class _StageRunner:
         denoisers train without. Alternating, the backbone's groups are exactly the control's, and the
         denoisers join as one more group."""
         cfg = self.cfg
+        # torch's fused Adam / AdamW / SGD on a GPU: one kernel per update, and no read of the step
+        # counters on the host (what CUDA-graph capture needs), for every stage alike.
+        fused = {"fused": True} if self.device.type == "cuda" and cfg.opt.lower() in FUSED_OPTIMIZERS else {}
         if self.spec.stage in ("baseline", "control", "matched-control"):
-            return create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
+            return create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, **fused)
         if not self.alternates:
-            return create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=0.0)
+            return create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=0.0, **fused)
         set_trainable(model, denoisers=False, backbone=True)
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay)
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, **fused)
         optimizer.add_param_group({"params": list(denoiser_parameters(model)), "weight_decay": 0.0})
         set_trainable(model, denoisers=True, backbone=True)
         return optimizer
@@ -275,6 +281,9 @@ class _StageRunner:
             start_epoch, num_updates, history = self._load_checkpoint(model, optimizer, scheduler, ema)
             logger.info("%s: resuming after epoch %d", self.spec.variant, start_epoch - 1)
         train_model = self._wrap_ddp(model)
+        if cfg.compile:
+            # CUDA graphs ("reduce-overhead") replay the whole step's kernels at once on a GPU.
+            train_model = torch.compile(train_model, mode="reduce-overhead" if self.device.type == "cuda" else None)
         settings = EpochSettings(
             lam=self.spec.lam, device=self.device, autocast_dtype=self.autocast_dtype, grad_clip=cfg.grad_clip,
             stage=self.spec.variant, show_progress=info.is_main, noise_weight=self.spec.noise_weight,

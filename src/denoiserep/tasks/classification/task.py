@@ -18,7 +18,8 @@ from ...finite import max_abs_difference, worst
 from ...head import DenoiseHead
 from ...models import create_model, default_model_for, feature_dim
 from ...train.config import TrainConfig
-from ...train.distributed import DistInfo, GlobalBatchSampler, all_reduce_sum, shard_indices, unlabeled_loader
+from ...train.distributed import (DistInfo, GlobalBatchSampler, all_reduce_sum, loader_options, shard_indices,
+                                  unlabeled_loader)
 from ..base import TaskBase
 from .data import ClassificationData, load_classification_data
 from .models import HeadedClassifier
@@ -84,11 +85,11 @@ class ClassificationTask(TaskBase):
         """Shuffled global batches; the denoise stage may train on ``--denoise-data`` instead."""
         dataset = self.denoise_train if for_denoisers and self.denoise_train is not None else self.train
         sampler = GlobalBatchSampler(len(dataset), self.cfg.batch_size, info, seed, epoch)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers)
+        return DataLoader(dataset, batch_sampler=sampler, **loader_options(self.cfg))
 
     def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
-        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
+        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, loader_options(self.cfg))
 
     def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy (label smoothing / mixup / cutmix as configured)."""
@@ -119,7 +120,7 @@ class ClassificationTask(TaskBase):
         was_training = model.training
         model.eval()
         subset = Subset(dataset, shard_indices(len(dataset), info))
-        loader = DataLoader(subset, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
+        loader = DataLoader(subset, batch_size=self.cfg.eval_batch_size, **loader_options(self.cfg))
         correct1 = correct5 = loss_sum = count = 0.0
         k = min(5, self.data.num_classes)
         for inputs, targets in loader:
@@ -139,7 +140,7 @@ class ClassificationTask(TaskBase):
 
     def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
         """The first ``max_batches`` validation batches, inputs only (fixed: for noise-loss diagnostics)."""
-        loader = DataLoader(self.val, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
+        loader = DataLoader(self.val, batch_size=self.cfg.eval_batch_size, **loader_options(self.cfg))
         return [inputs for inputs, _ in itertools.islice(loader, max_batches)]
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from ...head import DenoiseHead
 from ...metrics.detection import DetectionMetric
 from ...metrics.detection import evaluate as evaluate_detections  # `evaluate` is this task's method
 from ...train.config import TrainConfig
-from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
+from ...train.distributed import DistInfo, GlobalBatchSampler, loader_options, shard_indices, unlabeled_loader
 from ..base import TaskBase, model_kwargs_without_classes
 from .data import SPECS, DetectionData, collate, load_detection_data
 from .models import DetectionModel, build_detection_model, parse_model_name
@@ -123,10 +123,11 @@ class DetectionTask(TaskBase):
             sampler = AspectRatioBatchSampler(ratios, self.cfg.batch_size, info, seed, epoch)
         else:
             sampler = GlobalBatchSampler(len(dataset), self.cfg.batch_size, info, seed, epoch)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=collate)
+        return DataLoader(dataset, batch_sampler=sampler, **loader_options(self.cfg), collate_fn=collate)
 
     def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
-        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers, collate)
+        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, loader_options(self.cfg),
+                                collate)
 
     def validation_inputs(self, max_batches: int) -> list[list[torch.Tensor]]:
         return [images for images, _ in itertools.islice(self._val_batches(range(len(self.val))), max_batches)]
@@ -134,7 +135,7 @@ class DetectionTask(TaskBase):
     def _val_batches(self, indices, dataset: Dataset | None = None) -> DataLoader:
         return DataLoader(Subset(self.val if dataset is None else dataset, list(indices)),
                           batch_size=self.cfg.eval_batch_size,
-                          num_workers=self.cfg.workers, collate_fn=collate)
+                          **loader_options(self.cfg), collate_fn=collate)
 
     # -- training ----------------------------------------------------------------------------
     def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:

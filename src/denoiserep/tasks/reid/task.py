@@ -39,7 +39,7 @@ from ...head import DenoiseHead
 from ...metrics.reid import evaluate_features
 from ...models import default_model_for
 from ...train.config import TrainConfig
-from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
+from ...train.distributed import DistInfo, GlobalBatchSampler, loader_options, shard_indices, unlabeled_loader
 from ..base import TaskBase, holdout_split
 from .data import READERS, MergedReidDataset, ReidSample, load_reid_spec
 from .digits import NAME as DIGITS_REID, DigitsReid, load_digits_reid
@@ -328,13 +328,13 @@ class ReidTask(TaskBase):
         train on ``--denoise-data`` (unlabeled, plain shuffled batches) instead."""
         if for_denoisers and self.denoise_train is not None:
             sampler = GlobalBatchSampler(len(self.denoise_train), self.cfg.batch_size, info, seed, epoch)
-            return DataLoader(self.denoise_train, batch_sampler=sampler, num_workers=self.cfg.workers)
+            return DataLoader(self.denoise_train, batch_sampler=sampler, **loader_options(self.cfg))
         sampler = PKBatchSampler(self.train_pids, self.cfg.batch_size, self.num_instances, info, seed, epoch)
-        return DataLoader(self.train, batch_sampler=sampler, num_workers=self.cfg.workers)
+        return DataLoader(self.train, batch_sampler=sampler, **loader_options(self.cfg))
 
     def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
         """Unlabeled images for the label-free loss (the paper's "merged datasets")."""
-        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
+        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, loader_options(self.cfg))
 
     def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """ID cross-entropy + batch-hard triplet on the train-mode output (no mixup: mixing
@@ -353,7 +353,7 @@ class ReidTask(TaskBase):
         model.eval()
         indices = shard_indices(len(images), info)
         loader = DataLoader(Subset(images, indices), batch_size=self.cfg.eval_batch_size,
-                            num_workers=self.cfg.workers)
+                            **loader_options(self.cfg))
         chunks = []
         for inputs, _ in loader:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -383,7 +383,7 @@ class ReidTask(TaskBase):
 
     def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
         """The first ``max_batches`` query + gallery batches, images only (fixed: for noise-loss diagnostics)."""
-        loader = DataLoader(self.val.images, batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.workers)
+        loader = DataLoader(self.val.images, batch_size=self.cfg.eval_batch_size, **loader_options(self.cfg))
         return [inputs for inputs, _ in itertools.islice(loader, max_batches)]
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from ...data.images import SkipUnreadable, unlabeled_datasets
 from ...head import DenoiseHead
 from ...metrics.segmentation import SegmentationMetric
 from ...train.config import TrainConfig
-from ...train.distributed import DistInfo, GlobalBatchSampler, shard_indices, unlabeled_loader
+from ...train.distributed import DistInfo, GlobalBatchSampler, loader_options, shard_indices, unlabeled_loader
 from ..base import TaskBase, model_kwargs_without_classes
 from .data import IGNORE_INDEX, SPECS, SegmentationData, load_segmentation_data
 from .models import AUX_LOSS_WEIGHT, SegmentationModel, build_segmentation_model
@@ -99,11 +99,11 @@ class SegmentationTask(TaskBase):
         """Shuffled global batches of training crops; the denoise stage may train on ``--denoise-data``."""
         dataset = self.denoise_train if for_denoisers and self.denoise_train is not None else self.train_set
         sampler = GlobalBatchSampler(len(dataset), self.cfg.batch_size, info, seed, epoch)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.workers)
+        return DataLoader(dataset, batch_sampler=sampler, **loader_options(self.cfg))
 
     def extra_loader(self, info: DistInfo, seed: int, epoch: int) -> DataLoader | None:
         """Unlabeled crops for the label-free loss (``--extra-data``)."""
-        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, self.cfg.workers)
+        return unlabeled_loader(self.extra, self.cfg.batch_size, info, seed, epoch, loader_options(self.cfg))
 
     def validation_inputs(self, max_batches: int) -> list[torch.Tensor]:
         batches = self._val_batches(list(range(len(self.val))))
@@ -169,7 +169,7 @@ class SegmentationTask(TaskBase):
         """Fixed-size data (digit scenes) in batches; full-resolution files one image at a time."""
         batch = self.cfg.eval_batch_size if self.data.name == "digit-scenes" else 1
         return DataLoader(Subset(self.val if dataset is None else dataset, indices), batch_size=batch,
-                          num_workers=self.cfg.workers)
+                          **loader_options(self.cfg))
 
     @torch.no_grad()
     def predictions(self, model: nn.Module, device: torch.device) -> list[torch.Tensor]:
