@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The CUDA checks (benchmarks/cuda_check.py), then the benchmark suite's cost sections on one CUDA
-# GPU: CUDA-event timing, bf16 autocast; training at batch 8 and 32, inference at 32. One bench run
-# per section, most wanted first (training, calibration, inference), all writing BENCHMARKS_GPU.md
-# (a later run keeps the sections an earlier one wrote), each inside what is left of GPU_BUDGET_S
-# seconds (default 540), so a lease that ends early still leaves the finished sections.
+# The CUDA checks (benchmarks/cuda_check.py); the training step eager and compiled at batch 8 and 32
+# in bf16, and the DenoiseRep⁻ sampler eager and compiled (benchmarks/gpu_step.py, written to
+# BENCHMARKS_GPU_STEP.md); then the benchmark suite's cost sections on one CUDA GPU: CUDA-event
+# timing, bf16 autocast; training at batch 8 and 32, inference at 32. One bench run per section, most
+# wanted first (training, calibration, inference), all writing BENCHMARKS_GPU.md (a later run keeps
+# the sections an earlier one wrote), each inside what is left of GPU_BUDGET_S seconds (default 540),
+# so a lease that ends early still leaves the finished sections. (§2b, the operators a step
+# dispatches, is hardware-independent: BENCHMARKS.md has it from the CPU.)
 # Extra arguments go to denoiserep.bench.
 #
-#   bash benchmarks/gpu.sh                     # writes BENCHMARKS_GPU.md
+#   bash benchmarks/gpu.sh                     # writes BENCHMARKS_GPU.md and BENCHMARKS_GPU_STEP.md
 #   OUTPUT=/tmp/gpu.md GPU_BUDGET_S=900 bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +30,9 @@ deadline=$(( start + ${GPU_BUDGET_S:-540} ))
 status=0
 # First what the CPU tests cannot check: calibration, fusion and both training paths on CUDA.
 "$PY" benchmarks/cuda_check.py || status=1
+left=$(( deadline - $(date +%s) ))
+echo "benchmarks/gpu.sh: the training step, eager and compiled (${left} s left)" >&2
+timeout "$left" "$PY" benchmarks/gpu_step.py --output "${OUTPUT%.md}_STEP.md" || status=1
 for section in training calibration inference; do
     left=$(( deadline - $(date +%s) ))
     if [ "$left" -le 30 ]; then

@@ -9,7 +9,7 @@ import torch
 
 import denoiserep as dr
 from denoiserep import DenoiseConfig, bench
-from denoiserep.bench import accuracy, inference, models, tables, training
+from denoiserep.bench import accuracy, calibration, inference, models, tables, training
 from denoiserep.bench.settings import Settings
 from denoiserep.timing import time_interleaved
 
@@ -60,8 +60,10 @@ def test_quick_calibration_section_times_calibration_against_a_forward_and_plots
     assert bench.main(["--quick", "--sections", "calibration", "--output", str(out)]) == 0
     text = out.read_text(encoding="utf-8")
     assert "## 4. Calibration" in text
-    (cost,) = table_rows(text, "| model | images |")
-    assert float(cost["ratio"]) > 0 and float(cost["calibrate (s)"]) > 0
+    costs = {row["mode"]: row for row in table_rows(text, "| model | mode | images |")}
+    assert set(costs) == set(calibration.CALIBRATION_MODES)  # the default and in-sample, side by side
+    for cost in costs.values():
+        assert float(cost["ratio"]) > 0 and float(cost["calibrate (s)"]) > 0 and int(cost["passes"]) >= 1
     methods = {row["method"]: row for row in table_rows(text, "| method | wall time (s) |")}
     assert set(methods) == {"label-free training from identity (the paper)", "label-free training from calibrated",
                             "calibration only"}

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import denoiserep as dr
+from denoiserep.layer_step import LossStep, Matrices, Pointwise, _gram
 from denoiserep.layers import LayerDenoiser, denoiser_of
-from denoiserep.noise_loss import expected_l2_from_gram, expected_loss, residual_variance
 from denoiserep.schedule import make_schedule
 
 STEP = make_schedule("ddpm", 1000).step(300)  # ᾱ ≈ 0.35: the noise matters, A is far from identity
@@ -65,39 +65,49 @@ def test_expected_loss_has_no_sampling_noise():
 
 
 def test_expected_l1_matches_the_folded_normal_by_numerical_integration():
-    mean = torch.tensor([[-2.0, 0.0, 0.3]], dtype=torch.float64)
-    variance = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    denoiser = LayerDenoiser(nn.Linear(3, 2, dtype=torch.float64), STEP, estimator="expected", loss="l1")
+    s, r = STEP.sqrt_alpha_bar, STEP.sqrt_one_minus_alpha_bar
+    with torch.no_grad():  # a diagonal A: channel j's residual has mean −(s A_jj x_j + a_j), variance (1 − r A_jj)²
+        denoiser.A.copy_(torch.diag(torch.tensor([0.3, 1.0, 1 / r], dtype=torch.float64))[None])
+        denoiser.a.copy_(torch.tensor([-2.0, 0.0, 0.3], dtype=torch.float64))
+    rows = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64)
+    mean = -(s * torch.diagonal(denoiser.A[0]) * rows[0] + denoiser.a)
+    sigma = (1 - r * torch.diagonal(denoiser.A[0])).abs()
     grid = torch.linspace(-40, 40, 400001, dtype=torch.float64)
-    integrals = []
-    for m, v in zip(mean[0], variance):
-        sigma = v.sqrt().item()
-        density = torch.exp(-0.5 * ((grid - m) / sigma) ** 2) / (sigma * (2 * torch.pi) ** 0.5)
-        integrals.append(torch.trapezoid(grid.abs() * density, grid))
-    assert expected_loss(mean, variance, "l1").item() == pytest.approx(torch.stack(integrals).mean().item(), abs=1e-6)
-    # σ → 0: the loss of a deterministic residual is |m|.
-    assert expected_loss(torch.tensor([[-5.0]]), torch.tensor([1e-30]), "l1").item() == pytest.approx(5.0)
+    values = []
+    for m, sd in zip(mean, sigma):
+        if sd < 1e-9:  # σ → 0 (calibration's null directions): the loss of a deterministic residual, |m|
+            values.append(m.abs())
+            continue
+        density = torch.exp(-0.5 * ((grid - m) / sd) ** 2) / (sd * (2 * torch.pi) ** 0.5)
+        values.append(torch.trapezoid(grid.abs() * density, grid))
+    assert denoiser.noise_loss(rows).item() == pytest.approx(torch.stack(values).mean().item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_gram_form_of_the_expected_l2_equals_the_per_position_form(groups):
-    rows = rows_with_offset(channels=6)
-    denoiser = make_denoiser("expected", "l2", groups=groups)
-    per_position = expected_loss(torch.add(denoiser.constant(), denoiser.apply_matrix(rows), alpha=STEP.sqrt_alpha_bar),
-                                 residual_variance(denoiser.A, STEP.sqrt_one_minus_alpha_bar), "l2")
-    gram = expected_l2_from_gram(rows, denoiser.A, denoiser.constant(), STEP.sqrt_alpha_bar, STEP.sqrt_one_minus_alpha_bar)
-    assert gram.item() == pytest.approx(per_position.item(), rel=1e-12)
-    grads = [torch.autograd.grad(value, denoiser.A, retain_graph=True)[0] for value in (per_position, gram)]
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("estimator, loss", [("expected", "l1"), ("expected", "l2"), ("expected", "l1+l2"),
+                                             ("sampled", "l1+l2")])
+@pytest.mark.parametrize("form", ["full", "low_rank"])
+def test_the_noise_losss_written_out_gradient_matches_finite_differences(estimator, loss, form):
+    denoiser = make_denoiser(estimator, loss, form=form)
+    rows = rows_with_offset(count=5)  # 5 rows for 6 channels: the per-position form (the Gram one: test_training_step)
+    params = [p.detach().clone().requires_grad_() for p in denoiser.matrix_parameters()]
+
+    def value(e, a, *matrix):
+        torch.manual_seed(0)  # the same ε at every evaluation
+        return LossStep.apply(denoiser, rows, e, a, *matrix)
+
+    inputs = (denoiser.e.detach().clone().requires_grad_(), denoiser.a.detach().clone().requires_grad_(), *params)
+    assert torch.autograd.gradcheck(value, inputs)
 
 
 def test_gram_form_stays_exact_in_float32_when_the_constant_cancels_a_large_mean():
-    """At the calibrated optimum u = −√ᾱ A μ: an uncentred Gram would cancel ‖μ‖² ≫ the spread."""
+    """At the calibrated optimum c = −√ᾱ A μ: an uncentred Gram would cancel ‖μ‖² ≫ the spread."""
     rows = torch.randn(500, 8, dtype=torch.float64) * 0.01 + 100.0
     matrix = torch.randn(1, 8, 8, dtype=torch.float64)
     constant = -STEP.sqrt_alpha_bar * (matrix[0] @ rows.mean(0))
     args = (STEP.sqrt_alpha_bar, STEP.sqrt_one_minus_alpha_bar)
-    exact = expected_l2_from_gram(rows, matrix, constant, *args)
-    single = expected_l2_from_gram(rows.float(), matrix.float(), constant.float(), *args)
+    exact = _gram(Pointwise(1, 8, 0), Matrices("full", [matrix]), constant, rows, *args)[0]
+    single = _gram(Pointwise(1, 8, 0), Matrices("full", [matrix.float()]), constant.float(), rows.float(), *args)[0]
     assert single.item() == pytest.approx(exact.item(), rel=1e-5)
 
 
@@ -276,9 +286,3 @@ def test_expected_l1_gradient_is_finite_at_a_calibrated_null_direction():
     loss = denoiser.noise_loss(rows)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(denoiser.A.grad).all() and torch.isfinite(denoiser.a.grad).all()
-
-
-def test_expected_l1_gradient_matches_finite_differences():
-    mean = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    variance = (torch.rand(3, dtype=torch.float64) + 0.1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda m, v: expected_loss(m, v, "l1"), (mean, variance))

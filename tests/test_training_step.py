@@ -20,6 +20,7 @@ import denoiserep as dr
 LAYERS = {
     "linear on tokens": (lambda: nn.Linear(6, 5), (3, 4, 6)),
     "linear on rows": (lambda: nn.Linear(5, 7), (9, 5)),
+    "linear, fewer rows than channels": (lambda: nn.Linear(8, 3), (3, 8)),  # expected L2 per position, not by Gram
     "conv 3x3, zero padding, no bias": (lambda: nn.Conv2d(4, 6, 3, padding=1, bias=False), (2, 4, 5, 5)),
     "conv 1x1": (lambda: nn.Conv2d(5, 3, 1), (2, 5, 4, 4)),
     "conv stride 2, reflect, dilation": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2,

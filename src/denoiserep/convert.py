@@ -636,7 +636,22 @@ def denoise_loss(model: nn.Module) -> torch.Tensor:
     if len(values) == 1:
         return values[0] * losses[0][1]
     # One weighted sum for every layer's loss (each queued as a sum over its elements, with 1 / count).
-    return torch.dot(torch.stack(values), _scales(tuple(scale for _, scale in losses), values[0].device, dtype))
+    return _WeightedSum.apply(_scales(tuple(scale for _, scale in losses), values[0].device, dtype), *values)
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``scales · stack(values)``, whose backward hands every layer its gradient in one ``unbind``
+    (autograd's own backward of ``stack`` dispatches a ``select`` per layer)."""
+
+    @staticmethod
+    def forward(ctx, scales: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scales)
+        return torch.dot(torch.stack(values), scales)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scales,) = ctx.saved_tensors
+        return None, *torch.mul(scales, grad).unbind(0)
 
 
 @functools.lru_cache(maxsize=64)

@@ -31,20 +31,21 @@ import torch.nn.functional as F
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _lazy(method):
-    """A property computed once per object (``functools.cached_property`` takes a lock on Python <
-    3.12, which torch.compile cannot trace)."""
-    name = method.__name__
+class _lazy:
+    """A property computed once per object and then read from the instance's ``__dict__`` (a
+    non-data descriptor: later reads cost no call). ``functools.cached_property`` does the same but
+    takes a lock on Python < 3.12, which torch.compile cannot trace."""
 
-    def get(self):
-        if torch.compiler.is_compiling():  # traced once anyway; a traced autograd.Function mutates nothing
-            return method(self)
-        value = self.__dict__.get(name)
-        if value is None:
-            value = self.__dict__[name] = method(self)
+    def __init__(self, method):
+        self.method, self.name, self.__doc__ = method, method.__name__, method.__doc__
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        value = self.method(obj)
+        if not torch.compiler.is_compiling():  # traced once anyway; a traced autograd.Function mutates nothing
+            obj.__dict__[self.name] = value
         return value
-
-    return property(get, doc=method.__doc__)
 
 
 # -- scaled products and sums, safe under torch.compile --------------------------------------------
@@ -134,6 +135,22 @@ class Matrices:
     def flat(self) -> torch.Tensor:
         return self.A.view(-1)
 
+    def block(self, index: int, transposed: bool = False) -> torch.Tensor:
+        """Parameter ``index``'s one (2-D) block, or its transpose: with one group the products are
+        plain ``mm`` / ``mv``."""
+        if torch.compiler.is_compiling():
+            block = self.params[index][0]
+            return block.t() if transposed else block
+        key = ("block", index, transposed)
+        if key not in self._kernels:
+            block = self.params[index][0]
+            self._kernels[key] = block.t() if transposed else block
+        return self._kernels[key]
+
+    @_lazy
+    def diag_flat(self) -> torch.Tensor:
+        return self.diag.view(-1)
+
     def kernel(self, index: int, matrix: torch.Tensor, unit: list[int]) -> torch.Tensor:
         """(groups, out, in) blocks as a grouped 1 × 1 convolution weight."""
         key = (index, len(unit))
@@ -145,6 +162,20 @@ class Matrices:
 
     def dense(self) -> torch.Tensor:
         return self.A if self.form == "full" else torch.diag_embed(self.diag) + self.U @ self.V
+
+    def mixing_kernel(self, c1: float, c3: float, spatial_dims: int) -> torch.Tensor:
+        """(c3 I − c1 A)ᵀ as a 1 × 1 convolution kernel (full rank, one group): over a conv's W as its
+        input (batch: outputs, spatial: kernel), conv(W, K)[o, j, k] = Σ_i (c3 I − c1 A)[i, j] W[o, i, k]."""
+        unit = [1] * spatial_dims
+        if torch.compiler.is_compiling():
+            eye, a_t = self.eye.mul(c3).view(*self.eye.shape, *unit), self.A2t.reshape(*self.A2t.shape, *unit)
+        else:
+            key = ("mixing", c3, spatial_dims)
+            if key not in self._kernels:
+                self._kernels[key] = (self.eye.mul(c3).view(*self.eye.shape, *unit),
+                                      self.A2t.view(*self.A2t.shape, *unit))
+            eye, a_t = self._kernels[key]
+        return axpy(eye, a_t, -c1)
 
     @_lazy
     def zero(self) -> torch.Tensor:
@@ -215,25 +246,30 @@ class Pointwise:
     def _product(self, mats: Matrices, index: int, matrix: torch.Tensor, t, bias=None, transposed=None):
         """matrix t (+ bias) per group; rows only with one group (``transposed``: matrixᵀ in 2-D)."""
         if self.conv is None:
-            right = transposed if transposed is not None else matrix[0].t()
+            right = transposed if transposed is not None else mats.block(index, transposed=True)
             return torch.mm(t, right) if bias is None else torch.addmm(bias, t, right)
         return self.conv(t, mats.kernel(index, matrix, self.unit), bias, groups=self.groups)
 
     def _product_grad(self, mats: Matrices, index: int, matrix: torch.Tensor, grad: torch.Tensor, t,
-                      need_input: bool, need_matrix: bool = True, plain=None):
-        """For p = matrix t, from ∂/∂p: (∂/∂t or None, ∂/∂matrix (2-D for rows, else the kernel's shape))."""
+                      need_input: bool, need_matrix: bool = True, plain=None, need_sum: bool = False):
+        """For p = matrix t, from ∂/∂p: (∂/∂t or None, ∂/∂matrix (2-D for rows, else the kernel's shape)),
+        and with ``need_sum`` (convolutions only) the sum of ∂/∂p over positions, from the same call."""
         if self.conv is None:
-            grad_t = torch.mm(grad, plain if plain is not None else matrix[0]) if need_input else None
+            grad_t = torch.mm(grad, plain if plain is not None else mats.block(index)) if need_input else None
             return grad_t, torch.mm(grad.t(), t) if need_matrix else None
         n = self.spatial_dims
+        kernel = mats.kernel(index, matrix, self.unit)
+        dtype = self._backward_dtype(grad, t)
+        grad_t, grad_kernel, grad_sum = torch.ops.aten.convolution_backward(
+            grad.to(dtype), t.to(dtype), kernel.to(dtype), [self.channels] if need_sum else None, [1] * n, [0] * n,
+            [1] * n, False, [0] * n, self.groups, [need_input, need_matrix, need_sum])
+        return (grad_t, grad_kernel, grad_sum) if need_sum else (grad_t, grad_kernel)
+
+    @staticmethod
+    def _backward_dtype(grad: torch.Tensor, t: torch.Tensor) -> torch.dtype:
         # convolution_backward is not an autocast op: run it in the dtype autocast gave the forward.
         device = grad.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else _wider(grad.dtype, t.dtype)
-        kernel = mats.kernel(index, matrix, self.unit)
-        grad_t, grad_kernel, _ = torch.ops.aten.convolution_backward(
-            grad.to(dtype), t.to(dtype), kernel.to(dtype), None, [1] * n, [0] * n, [1] * n, False, [0] * n,
-            self.groups, [need_input, need_matrix, False])
-        return grad_t, grad_kernel
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else _wider(grad.dtype, t.dtype)
 
     def apply(self, mats: Matrices, t: torch.Tensor, bias: torch.Tensor | None = None):
         """(A t + bias, what `apply_grad` needs besides t)."""
@@ -241,7 +277,7 @@ class Pointwise:
             return self._product(mats, 0, mats.A, t, bias, mats.A2t if self.conv is None else None), None
         projected = self._product(mats, 2, mats.V, t)  # V t
         out = self._product(mats, 1, mats.U, projected, bias)
-        return out.addcmul_(t, self.broadcast(mats.diag.view(-1))), projected
+        return out.addcmul_(t, self.broadcast(mats.diag_flat)), projected
 
     def apply_grad(self, mats: Matrices, t: torch.Tensor, saved, grad: torch.Tensor) -> list[torch.Tensor]:
         """The matrix parameters' gradients (in their shapes) from ∂/∂(A t)."""
@@ -252,6 +288,14 @@ class Pointwise:
         grad_v = self._product_grad(mats, 2, mats.V, grad_projected, t, False)[1]
         return [self.sum_positions(grad * t).view(mats.diag.shape), grad_u.view(mats.U.shape),
                 grad_v.view(mats.V.shape)]
+
+    def sum_and_apply_grad(self, mats: Matrices, t: torch.Tensor, saved, grad: torch.Tensor):
+        """(Σ over positions of ∂(A t + c), `apply_grad`): for a full-rank A on a convolution's input both
+        from one convolution_backward (its bias gradient is the sum), where it runs in ∂'s own dtype."""
+        if self.conv is None or mats.form != "full" or self._backward_dtype(grad, t) != grad.dtype:
+            return self.sum_positions(grad), self.apply_grad(mats, t, saved, grad)
+        _, grad_matrix, grad_sum = self._product_grad(mats, 0, mats.A, grad, t, False, need_sum=True)
+        return grad_sum, [grad_matrix.view(mats.A2.shape if mats.plain else mats.A.shape)]
 
     def add_apply_grad(self, mats: Matrices, t: torch.Tensor, grad: torch.Tensor, grads: list) -> None:
         """∂A += Σ over positions ∂(A t) tᵀ, in place; full rank."""
@@ -295,12 +339,18 @@ def _matrix_vector(mats: Matrices, vector: torch.Tensor, *, bias: torch.Tensor |
         if bias is None:
             return torch.bmm(matrix, column).view(-1)
         return baddbmm(bias.view(g, -1, 1), matrix, column, alpha=scale).view(-1)
-    column = vector.view(g, -1, 1)
-    if transpose:
-        low = torch.bmm(mats.V.mT, torch.bmm(mats.U.mT, column))
+    if g == 1:
+        if transpose:
+            low = torch.mv(mats.block(2, transposed=True), torch.mv(mats.block(1, transposed=True), vector))
+        else:
+            low = torch.mv(mats.block(1), torch.mv(mats.block(2), vector))
     else:
-        low = torch.bmm(mats.U, torch.bmm(mats.V, column))
-    out = low.view(-1).addcmul_(mats.diag.view(-1), vector)
+        column = vector.view(g, -1, 1)
+        if transpose:
+            low = torch.bmm(mats.V.mT, torch.bmm(mats.U.mT, column)).view(-1)
+        else:
+            low = torch.bmm(mats.U, torch.bmm(mats.V, column)).view(-1)
+    out = low.addcmul_(mats.diag_flat, vector)
     return out if bias is None else out.mul_(scale).add_(bias)
 
 
@@ -317,9 +367,16 @@ def add_constant_grad(mats: Matrices, e: torch.Tensor, grad_c: torch.Tensor, gra
             grads[0].addr_(grad_c, e)
         else:
             grads[0].baddbmm_(grad_c.view(g, -1, 1), e.view(g, 1, -1))
+    elif g == 1:
+        dtype = grads[1].dtype  # the small products below may come out of autocast in bf16
+        grads[0].addcmul_(grad_c, e)  # (1, d) += (d,)
+        grads[1][0].addr_(grad_c, torch.mv(mats.block(2), e).to(dtype))  # ∂U += ∂c (V e)ᵀ
+        projected = torch.mv(mats.block(1, transposed=True), grad_c)  # Uᵀ ∂c
+        grads[2][0].addr_(projected.to(dtype), e)  # ∂V += (Uᵀ ∂c) eᵀ
+        return torch.mv(mats.block(2, transposed=True), projected).addcmul_(mats.diag_flat, grad_c)  # Aᵀ ∂c
     else:
         gc, ev = grad_c.view(g, -1, 1), e.view(g, 1, -1)
-        dtype = grads[1].dtype  # the small products below may come out of autocast in bf16
+        dtype = grads[1].dtype
         grads[0].addcmul_(grad_c.view(mats.diag.shape), e.view(mats.diag.shape))
         grads[1].baddbmm_(gc, torch.bmm(mats.V, ev.mT).mT.to(dtype))
         grads[2].baddbmm_(torch.bmm(mats.U.mT, gc).to(dtype), ev)
@@ -350,6 +407,14 @@ def _weight_from_rows(rows: torch.Tensor, shape: torch.Size, groups: int) -> tor
 def fused_weight(groups: int, weight: torch.Tensor, form: str, params, c1: float, c3: float,
                  mats: Matrices | None = None, views: WeightViews | None = None) -> torch.Tensor:
     """W′ = W (c3 I − c1 A) per conv group, in W's layout and dtype."""
+    return fused_weight_and_kernel(groups, weight, form, params, c1, c3, mats, views)[0]
+
+
+def fused_weight_and_kernel(groups: int, weight: torch.Tensor, form: str, params, c1: float, c3: float,
+                            mats: Matrices | None = None,
+                            views: WeightViews | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`fused_weight`, and the `Matrices.mixing_kernel` it convolved W with (None where it did not):
+    its backward needs it."""
     if mats is None or params[0].dtype != weight.dtype:
         mats = Matrices(form, [p.to(weight.dtype) for p in params])
     views = views or WeightViews(weight, groups)
@@ -358,47 +423,48 @@ def fused_weight(groups: int, weight: torch.Tensor, form: str, params, c1: float
         if form == "full":
             fused = addmm(rows, rows, mats.A2, beta=c3, alpha=-c1)
         else:
-            diag, u, v = mats.diag[0], mats.U[0], mats.V[0]
-            fused = addmm(rows * scaled_complement(diag, c3, c1), torch.mm(rows, u), v, alpha=-c1)
-        return fused if weight.ndim == 2 else fused.view(weight.shape)
+            fused = addmm(rows * scaled_complement(mats.diag_flat, c3, c1), torch.mm(rows, mats.block(1)),
+                          mats.block(2), alpha=-c1)
+        return (fused if weight.ndim == 2 else fused.view(weight.shape)), None
     if groups == 1 and form == "full":
-        # W's input channels contract with A as a 1 × 1 convolution over W itself (batch: its
-        # outputs, spatial: its kernel): conv(W, Aᵀ)[o, j, k] = Σ_i A[i, j] W[o, i, k].
-        mixed = _CONVOLUTIONS[weight.ndim - 2](weight, mats.A2t.view(*mats.A2t.shape, *[1] * (weight.ndim - 2)))
-        return axpy_(mixed.mul_(-c1), weight, c3)
+        # W's input channels contract with c3 I − c1 A as a 1 × 1 convolution over W itself.
+        kernel = mats.mixing_kernel(c1, c3, weight.ndim - 2)
+        return _CONVOLUTIONS[weight.ndim - 2](weight, kernel), kernel
     rows = _weight_rows(weight, groups)
     if form == "full":
         fused = baddbmm(rows, rows, mats.A, beta=c3, alpha=-c1)
     else:
         scaled = rows * scaled_complement(mats.diag, c3, c1).unsqueeze(1)
         fused = baddbmm(scaled, rows @ mats.U, mats.V, alpha=-c1)
-    return _weight_from_rows(fused, weight.shape, groups)
+    return _weight_from_rows(fused, weight.shape, groups), None
 
 
 def add_fused_weight_grad(groups: int, weight: torch.Tensor, mats: Matrices, c1: float, c3: float,
                           grad: torch.Tensor, grads: list, need_weight: bool,
-                          views: WeightViews) -> torch.Tensor | None:
+                          views: WeightViews, kernel: torch.Tensor | None = None) -> torch.Tensor | None:
     """From ∂/∂W′: the matrix parameters' gradients added in place (∂A += −c1 Wᵀ ∂W′ per group);
-    returns ∂/∂W (c3 ∂W′ − c1 ∂W′ Aᵀ) when ``need_weight``."""
+    returns ∂/∂W (c3 ∂W′ − c1 ∂W′ Aᵀ) when ``need_weight``. ``kernel``: the forward's mixing kernel."""
     grad = grad.to(weight.dtype)
     if views.one_matrix:
         grad_rows = grad if grad.ndim == 2 else grad.view(views.matrix.shape)
         if mats.form == "full":
             addmm_(grads[0], views.matrix_t, grad_rows, alpha=-c1)
-        else:
-            cross = torch.mm(views.matrix_t, grad_rows).mul_(-c1)
-            for index, value in enumerate(dense_grad(mats, cross.unsqueeze(0))):
-                grads[index].add_(value.to(grads[index].dtype))
+        else:  # ∂A = −c1 Wᵀ ∂W′ =: −c1 C: ∂diag = −c1 diag(C), ∂U = −c1 C Vᵀ, ∂V = −c1 Uᵀ C
+            cross = torch.mm(views.matrix_t, grad_rows).to(grads[1].dtype)
+            axpy_(grads[0], torch.diagonal(cross), -c1)
+            addmm_(grads[1][0], cross, mats.block(2, transposed=True), alpha=-c1)
+            addmm_(grads[2][0], mats.block(1, transposed=True), cross, alpha=-c1)
         if not need_weight:
             return None
         return addmm(grad_rows, grad_rows, mats.dense()[0].t(), beta=c3, alpha=-c1).view(weight.shape)
     if groups == 1 and mats.form == "full":
         n = weight.ndim - 2
+        if kernel is None:
+            kernel = mats.mixing_kernel(c1, c3, n)
         grad_weight, grad_kernel, _ = torch.ops.aten.convolution_backward(
-            grad, weight, mats.A2t.view(*mats.A2t.shape, *[1] * n), None, [1] * n, [0] * n, [1] * n, False,
-            [0] * n, 1, [need_weight, True, False])
-        axpy_(grads[0], grad_kernel.view(mats.A2.shape).t(), -c1)
-        return axpy_(grad_weight.mul_(-c1), grad, c3) if need_weight else None
+            grad, weight, kernel, None, [1] * n, [0] * n, [1] * n, False, [0] * n, 1, [need_weight, True, False])
+        axpy_(grads[0], grad_kernel.view(mats.A2.shape).t(), -c1)  # K = c3 I − c1 Aᵀ
+        return grad_weight
     rows, grad_rows = _weight_rows(weight, groups), _weight_rows(grad, groups)
     if mats.form == "full":
         baddbmm_(grads[0], rows.mT, grad_rows, alpha=-c1)
@@ -469,26 +535,29 @@ def _sampled(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, 
     noisy = axpy(scaled_noise, rows, s)  # x_t = s x + r ε
     predicted, saved = pointwise.apply(mats, noisy, c.to(noisy.dtype))
     residuals = _as_float(axpy_(predicted, scaled_noise, -1.0 / r))  # A x_t + c − ε
+    return _sampled_value(residuals, loss_type), ("sampled", residuals, noisy, saved)
+
+
+def _sampled_value(residuals: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Σ |res| (L1), Σ res² (L2) or both."""
     if loss_type == "l1":
-        value = torch.linalg.vector_norm(residuals, 1)
-    else:
-        value = torch.linalg.vector_norm(residuals).square()
-        if loss_type == "l1+l2":
-            value = value + torch.linalg.vector_norm(residuals, 1)
-    return value, ("sampled", residuals, noisy, saved)
+        return torch.linalg.vector_norm(residuals, 1)
+    value = torch.linalg.vector_norm(residuals).square()
+    return value + torch.linalg.vector_norm(residuals, 1) if loss_type == "l1+l2" else value
+
+
+def _sampled_residual_grad(residuals: torch.Tensor, grad: torch.Tensor, loss_type: str) -> torch.Tensor:
+    if loss_type == "l1":
+        return torch.sign(residuals).mul_(grad)
+    if loss_type == "l2":
+        return residuals.mul(grad * 2)
+    return axpy_(torch.sign(residuals), residuals, 2.0).mul_(grad)
 
 
 def _sampled_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tensor, loss_type: str):
     _, residuals, noisy, saved = state
-    scale = grad
-    if loss_type == "l1":
-        grad_residuals = torch.sign(residuals).mul_(scale)
-    elif loss_type == "l2":
-        grad_residuals = residuals.mul(scale * 2)
-    else:
-        grad_residuals = axpy_(torch.sign(residuals), residuals, 2.0).mul_(scale)
-    grad_residuals = grad_residuals.to(noisy.dtype)
-    return pointwise.sum_positions(grad_residuals), pointwise.apply_grad(mats, noisy, saved, grad_residuals)
+    grad_residuals = _sampled_residual_grad(residuals, grad, loss_type).to(noisy.dtype)
+    return pointwise.sum_and_apply_grad(mats, noisy, saved, grad_residuals)
 
 
 def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, loss_type: str, product=None):
@@ -603,11 +672,22 @@ def loss_backward(den, mats: Matrices, state, pointwise: Pointwise, grad: torch.
 
 
 def _autocast_state(device: str) -> tuple:
-    return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+    enabled = torch.is_autocast_enabled(device)
+    return device, torch.get_autocast_dtype(device) if enabled else None, enabled
+
+
+def _as_in_forward(ctx, backward, *args):
+    """``backward(ctx, *args)`` under the autocast state the forward ran in (a backward runs outside
+    the forward's autocast region); a context is entered only where the state differs."""
+    device, dtype, enabled = ctx.autocast
+    if not enabled and not torch.is_autocast_enabled(device):
+        return backward(ctx, *args)
+    with torch.autocast(device, dtype=dtype, enabled=enabled):
+        return backward(ctx, *args)
 
 
 def _in_dtypes(grads: list, params) -> list[torch.Tensor]:
-    return [g.to(p.dtype) for g, p in zip(grads, params)]
+    return [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
 
 
 def _as_parameters(grads: list, params) -> list[torch.Tensor]:
@@ -630,13 +710,15 @@ class LossStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        return _as_in_forward(ctx, LossStep._backward, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         e, *params = ctx.saved_tensors
-        device, dtype, enabled = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            grad_c, grads, _ = loss_backward(ctx.den, ctx.mats, ctx.state, ctx.pointwise, grad)
-            grads = _in_dtypes(grads, params)
-            grad_c = grad_c.to(e.dtype)
-            grad_e = add_constant_grad(ctx.mats, e, grad_c, grads)
+        grad_c, grads, _ = loss_backward(ctx.den, ctx.mats, ctx.state, ctx.pointwise, grad)
+        grads = _in_dtypes(grads, params)
+        grad_c = grad_c.to(e.dtype)
+        grad_e = add_constant_grad(ctx.mats, e, grad_c, grads)
         return None, None, grad_e, grad_c, *_as_parameters(grads, params)
 
 
@@ -658,7 +740,7 @@ class LayerStep(torch.autograd.Function):
         ctx.den, ctx.path, ctx.noise, ctx.mats, ctx.views = den, path, noise, mats, views
         ctx.autocast = _autocast_state(x.device.type)
         if path == "weight":
-            out = fused_weight(groups, weight, den.form, params, c1, c3, mats, views)
+            out, ctx.kernel = fused_weight_and_kernel(groups, weight, den.form, params, c1, c3, mats, views)
             rows, loss_layout = den.loss_positions(x)
             value, state = loss_forward(den, mats, c, rows.to(params[0].dtype), loss_layout)
         else:  # full rank, expected estimator: the loss reuses the task path's A x
@@ -677,53 +759,127 @@ class LayerStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_bias_prime, grad_loss):
+        return _as_in_forward(ctx, LayerStep._backward, grad_out, grad_bias_prime, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_out, grad_bias_prime, grad_loss):
         den, path, mats = ctx.den, ctx.path, ctx.mats
         groups, c1, c3 = den.groups, den.c1, den.c3
         pointwise = den.pointwise
         x, weight, bias, e, c, *params = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[3:6]
-        device, dtype, enabled = ctx.autocast
         grad_x = grad_weight = grad_bias = None
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            grads = grad_c = grad_product = None
-            if grad_loss is not None:
-                grad_c, grads, loss_product = loss_backward(den, mats, ctx.state, ctx.loss_layout, grad_loss,
-                                                            product_grad=path == "input")
-                grads = _in_dtypes(grads, params)
-                grad_c = grad_c.to(e.dtype)
-                if loss_product is not None:
-                    grad_product = den.product_grad_at_positions(loss_product, ctx.index, x)
-            if grads is None:
-                grads = [torch.zeros(mats.A2.shape if mats.plain and i == 0 else p.shape, dtype=p.dtype,
-                                     device=p.device) for i, p in enumerate(params)]
-            if grad_bias_prime is not None:
-                grad_c = add_shifted_bias_grad(ctx.views, grad_bias_prime, groups, -c1, grad_c)
-                if need_bias:
-                    grad_bias = grad_bias_prime
-                if need_weight:
-                    vector = c if ctx.noise is None else axpy(ctx.noise, c, -c1)
-                    grad_weight = _bias_weight_grad(weight, grad_bias_prime, vector, groups,
-                                                    -c1 if ctx.noise is None else 1.0)
-            if path == "weight":
-                if grad_out is not None:
-                    grad_w = add_fused_weight_grad(groups, weight, mats, c1, c3, grad_out, grads, need_weight, ctx.views)
-                    if grad_w is not None:
-                        grad_weight = grad_w if grad_weight is None else grad_weight.add_(grad_w)
-            elif grad_out is not None or grad_product is not None:
-                inputs = den.layer_positions(x).to(params[0].dtype)
-                total = grad_product
-                if grad_out is not None:
-                    grad_denoised = den.layer_positions(grad_out).to(params[0].dtype)
-                    total = grad_denoised.mul(-c1) if total is None else axpy_(total, grad_denoised, -c1)
-                    if need_x:
-                        grad_x = pointwise.denoised_input_grad(mats, grad_denoised, inputs, c1, c3)
-                        grad_x = den.from_layer_positions(grad_x, x).to(x.dtype)
-                pointwise.add_apply_grad(mats, inputs, total.to(grads[0].dtype), grads)
-            grad_e = grad_a = None
-            if grad_c is not None:
-                grad_a = grad_c.to(e.dtype)
-                grad_e = add_constant_grad(mats, e, grad_a, grads)
+        grads = grad_c = grad_product = None
+        if grad_loss is not None:
+            grad_c, grads, loss_product = loss_backward(den, mats, ctx.state, ctx.loss_layout, grad_loss,
+                                                        product_grad=path == "input")
+            grads = _in_dtypes(grads, params)
+            grad_c = grad_c.to(e.dtype)
+            if loss_product is not None:
+                grad_product = den.product_grad_at_positions(loss_product, ctx.index, x)
+        if grads is None:
+            grads = [torch.zeros(mats.A2.shape if mats.plain and i == 0 else p.shape, dtype=p.dtype,
+                                 device=p.device) for i, p in enumerate(params)]
+        if grad_bias_prime is not None:
+            grad_c = add_shifted_bias_grad(ctx.views, grad_bias_prime, groups, -c1, grad_c)
+            if need_bias:
+                grad_bias = grad_bias_prime
+            if need_weight:
+                vector = c if ctx.noise is None else axpy(ctx.noise, c, -c1)
+                grad_weight = _bias_weight_grad(weight, grad_bias_prime, vector, groups,
+                                                -c1 if ctx.noise is None else 1.0)
+        if path == "weight":
+            if grad_out is not None:
+                grad_w = add_fused_weight_grad(groups, weight, mats, c1, c3, grad_out, grads, need_weight, ctx.views,
+                                               ctx.kernel)
+                if grad_w is not None:
+                    grad_weight = grad_w if grad_weight is None else grad_weight.add_(grad_w)
+        elif grad_out is not None or grad_product is not None:
+            inputs = den.layer_positions(x).to(params[0].dtype)
+            total = grad_product
+            if grad_out is not None:
+                grad_denoised = den.layer_positions(grad_out).to(params[0].dtype)
+                total = grad_denoised.mul(-c1) if total is None else axpy_(total, grad_denoised, -c1)
+                if need_x:
+                    grad_x = pointwise.denoised_input_grad(mats, grad_denoised, inputs, c1, c3)
+                    grad_x = den.from_layer_positions(grad_x, x).to(x.dtype)
+            pointwise.add_apply_grad(mats, inputs, total.to(grads[0].dtype), grads)
+        grad_e = grad_a = None
+        if grad_c is not None:
+            grad_a = grad_c.to(e.dtype)
+            grad_e = add_constant_grad(mats, e, grad_a, grads)
         return None, None, None, grad_x, grad_weight, grad_bias, None, grad_e, grad_a, *_as_parameters(grads, params)
+
+
+class LinearStep(torch.autograd.Function):
+    """`LayerStep` for the paper's setting on a Linear with a frozen W and b: full-rank A, the sampled
+    noise loss (on every row or a token fraction), W′ formed. The same operators in the same dtypes as the general step,
+    written out without its dispatch on settings: at a GPU's small batches a step's Python is time
+    the device waits, and a ViT runs this on every layer. Eager only (under torch.compile, where the
+    Python is traced away, the general step runs), so the fused forms are called directly.
+    Inputs: x, W, b (or None), e, a, A."""
+
+    @staticmethod
+    def forward(ctx, den, task: bool, x, weight, bias, e, a, matrix):
+        c1, c3, s, r = den.c1, den.c3, den.sqrt_alpha_bar, den.sqrt_one_minus_alpha_bar
+        mats, views = den.step_operands((matrix,), weight)
+        fusing = mats if matrix.dtype == weight.dtype else Matrices("full", [matrix.to(weight.dtype)])
+        c = torch.addmv(a, mats.A2, e)
+        c_w = c if c.dtype == weight.dtype else c.to(weight.dtype)
+        if bias is not None:
+            bias_prime = torch.addmv(bias, weight, c_w, alpha=-c1)
+        elif mats.zero.dtype == weight.dtype:
+            bias_prime = torch.addmv(mats.zero, weight, c_w, beta=0, alpha=-c1)
+        else:
+            bias_prime = torch.mv(weight, c_w).mul_(-c1)
+        # W′ᵀ = c3 Wᵀ − c1 Aᵀ Wᵀ: the layer then runs as one addmm on the rows, with no transpose.
+        fused_t = torch.addmm(views.matrix_t, fusing.A2t, views.matrix_t, beta=c3, alpha=-c1)
+        rows = den.loss_rows(x)
+        if rows.dtype != matrix.dtype:
+            rows = rows.to(matrix.dtype)
+        scaled_noise = torch.normal(0.0, r, rows.shape, dtype=rows.dtype, device=rows.device)  # r ε
+        noisy = torch.add(scaled_noise, rows, alpha=s)  # x_t = s x + r ε
+        predicted = torch.addmm(c if c.dtype == noisy.dtype else c.to(noisy.dtype), noisy, mats.A2t)
+        residuals = _as_float(predicted.add_(scaled_noise, alpha=-1.0 / r))  # A x_t + c − ε
+        value = _sampled_value(residuals, den.loss_type)
+        ctx.den, ctx.mats, ctx.views = den, mats, views
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(e, residuals, noisy)
+        ctx.set_materialize_grads(False)
+        if not task:
+            ctx.mark_non_differentiable(fused_t, bias_prime)
+        return fused_t, bias_prime, value
+
+    @staticmethod
+    def backward(ctx, grad_fused_t, grad_bias_prime, grad_loss):
+        return _as_in_forward(ctx, LinearStep._backward, grad_fused_t, grad_bias_prime, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_fused_t, grad_bias_prime, grad_loss):
+        e, residuals, noisy = ctx.saved_tensors
+        den, mats, views = ctx.den, ctx.mats, ctx.views
+        c1 = den.c1
+        if grad_loss is None:
+            grad_c = torch.zeros_like(e)
+            grad_matrix = torch.zeros(mats.A2.shape, dtype=e.dtype, device=e.device)
+        else:
+            grad_residuals = _sampled_residual_grad(residuals, grad_loss, den.loss_type)
+            if grad_residuals.dtype != noisy.dtype:
+                grad_residuals = grad_residuals.to(noisy.dtype)
+            grad_c, grad_matrix = grad_residuals.sum(0), torch.mm(grad_residuals.t(), noisy)
+            grad_c = grad_c if grad_c.dtype == e.dtype else grad_c.to(e.dtype)
+            grad_matrix = grad_matrix if grad_matrix.dtype == e.dtype else grad_matrix.to(e.dtype)
+        if grad_bias_prime is not None:
+            if not grad_bias_prime.dtype == views.sum.dtype == grad_c.dtype:  # by W's dtype, as the general step
+                grad_bias_prime = grad_bias_prime.to(views.sum.dtype).to(grad_c.dtype)
+            grad_c.addmv_(views.sum_t, grad_bias_prime, alpha=-c1)
+        if grad_fused_t is not None:  # ∂/∂A of −c1 Aᵀ Wᵀ: −c1 Wᵀ Gᵀ
+            if grad_fused_t.dtype != views.matrix.dtype:
+                grad_fused_t = grad_fused_t.to(views.matrix.dtype)
+            grad_matrix.addmm_(views.matrix_t, grad_fused_t.t(), alpha=-c1)
+        grad_matrix.addr_(grad_c, e)  # c = A e + a
+        grad_e = torch.mv(mats.A2t, grad_c)
+        return None, None, None, None, None, grad_e, grad_c, grad_matrix.view(1, *grad_matrix.shape)
 
 
 def _bias_weight_grad(weight: torch.Tensor, grad_bias: torch.Tensor, vector: torch.Tensor, groups: int,

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from torch import nn
 from .schedule import StepCoefficients
 from .layer_step import (
     LayerStep,
+    LinearStep,
     LossStep,
     Matrices,
     Pointwise,
@@ -50,6 +51,22 @@ from .layer_step import (
     kernel_sum,
     shifted_bias,
 )
+
+
+class StepCache:
+    """The views a training step uses (`LayerDenoiser.step_operands`), with the keys that say they are
+    still valid. Copies and pickles of a denoiser start empty: views belong to the tensors they view."""
+
+    __slots__ = ("matrices_key", "matrices", "weight_key", "views")
+
+    def __init__(self):
+        self.matrices_key = self.matrices = self.weight_key = self.views = None
+
+    def __deepcopy__(self, memo) -> "StepCache":
+        return StepCache()
+
+    def __reduce__(self):
+        return StepCache, ()
 
 
 class LayerDenoiser(nn.Module):
@@ -94,6 +111,7 @@ class LayerDenoiser(nn.Module):
         self._pending_losses: list[torch.Tensor] = []
         self._warned_uncollected = False
         self._paths: dict[tuple, str] = {}  # the chosen path per (positions, input grad, weight grad)
+        self._step_cache = StepCache()
         # Set by `convert.noise_loss_only`: the layer then runs on W′ and b′ without autograd (label-free
         # training needs no task gradient); only the noise loss is recorded.
         self.noise_loss_only = False
@@ -207,22 +225,44 @@ class LayerDenoiser(nn.Module):
     def from_layer_positions(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return t.reshape(x.shape)
 
+    @property
+    def loss_token_fraction(self) -> float:
+        return self._loss_fraction[0] / self._loss_fraction[1]
+
+    @loss_token_fraction.setter
+    def loss_token_fraction(self, value: float) -> None:
+        # Kept as a ratio of integers: torch.compile keeps a module's integers constant, but makes a
+        # float that differs between compiled models symbolic, and a subset size derived from a
+        # symbolic float breaks the compiled backward.
+        ratio = Fraction(value).limit_denominator(1 << 20)
+        self._loss_fraction = (ratio.numerator, ratio.denominator)
+
+    def loss_subset_size(self, positions: int) -> int:
+        """How many of ``positions`` the noise loss draws: a ``loss_token_fraction`` of them, at least one."""
+        numerator, denominator = self._loss_fraction
+        return positions if numerator == denominator else max(1, positions * numerator // denominator)
+
     def _subset(self, count: int, device: torch.device) -> torch.Tensor:
         # The loss is an expectation over positions: a random subset estimates it unbiasedly.
-        return torch.randint(count, (max(1, int(count * self.loss_token_fraction)),), device=device)
+        return torch.randint(count, (self.loss_subset_size(count),), device=device)
+
+    def loss_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows (M, channels) the noise loss uses: all, or a random ``loss_token_fraction`` of them."""
+        if self._loss_fraction[0] == self._loss_fraction[1]:
+            return rows
+        return rows[self._subset(rows.shape[0], rows.device)]
 
     def loss_positions(self, x: torch.Tensor) -> tuple[torch.Tensor, Pointwise]:
         """The positions the noise loss uses (all, or a random ``loss_token_fraction``), with their layout."""
         t = self.layer_positions(x)
-        if self.loss_token_fraction == 1.0:
+        if self._loss_fraction[0] == self._loss_fraction[1]:
             return t, self.pointwise
-        rows = self.pointwise.to_rows(t)
-        chosen = rows[self._subset(rows.shape[0], rows.device)]
+        chosen = self.loss_rows(self.pointwise.to_rows(t))
         return (chosen, self.rows_pointwise) if self.groups == 1 else (chosen.t().unsqueeze(0), self.rows_pointwise)
 
     def loss_positions_of_product(self, product: torch.Tensor):
         """The input path's A x at the noise loss's positions: (values, layout, the chosen rows or None)."""
-        if self.loss_token_fraction == 1.0:
+        if self._loss_fraction[0] == self._loss_fraction[1]:
             return product, self.pointwise, None
         rows = self.pointwise.to_rows(product)
         index = self._subset(rows.shape[0], rows.device)
@@ -247,13 +287,20 @@ class LayerDenoiser(nn.Module):
         denoiser's parameters."""
         return LossStep.apply(self, x, self.e, self.a, *self.matrix_parameters()) / self.loss_elements(x)
 
+    def loss_scale(self, x: torch.Tensor) -> float:
+        """1 / `loss_elements`: the steps return their losses as sums."""
+        return 1.0 / (self.loss_subset_size(x.numel() // self.channels) * self.channels)
+
+    @property
+    def linear_step(self) -> bool:
+        """Whether an eager training forward with a frozen W and b can be the written-out `LinearStep`: a
+        Linear, full-rank A, the sampled loss, no σ z."""
+        return self.spatial_dims == 0 and self.form == "full" and self.estimator == "sampled" and not self.sample_noise
+
     def loss_elements(self, x: torch.Tensor) -> int:
         """Elements the noise loss averages over for input x: its positions (or the fraction of them
         it draws) times the channels."""
-        positions = x.numel() // self.channels
-        if self.loss_token_fraction < 1.0:
-            positions = max(1, int(positions * self.loss_token_fraction))
-        return positions * self.channels
+        return self.loss_subset_size(x.numel() // self.channels) * self.channels
 
     def prefers_input_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether denoising this call's input costs fewer multiply-adds than forming W′, each with
@@ -274,7 +321,7 @@ class LayerDenoiser(nn.Module):
     def _input_path_cheaper(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         g, d = self.groups, self.group_channels
         positions = x.numel() // self.channels
-        loss_positions = positions * self.loss_token_fraction
+        loss_positions = self.loss_subset_size(positions)
         weight_path = 2 * weight.shape[0] * weight[0, 0].numel() * d * d
         if self.loss_type == "l2" and d < loss_positions:
             weight_path += g * (loss_positions * d * d + d**3)  # Gram + A S
@@ -315,23 +362,24 @@ class LayerDenoiser(nn.Module):
         its kernel sum), which is what the keys check. Inside torch.compile they are formed anew."""
         if torch.compiler.is_compiling():
             return Matrices(self.form, params), None if weight is None else WeightViews(weight, self.groups)
-        cache = _STEP_OPERANDS.setdefault(self, {})
-        key = tuple(p.data_ptr() for p in params) + (params[0].dtype,)
-        if cache.get("matrices_key") != key:
-            cache.update(matrices_key=key, matrices=Matrices(self.form, params))
+        cache = self._step_cache
+        first = params[0]
+        key = (first.data_ptr(), first.dtype) if len(params) == 1 else \
+            (*(p.data_ptr() for p in params), first.dtype)
+        if cache.matrices_key != key:
+            cache.matrices_key, cache.matrices = key, Matrices(self.form, params)
         if weight is None:
-            return cache["matrices"], None
-        weight_key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-        if weight.requires_grad or cache.get("weight_key") != weight_key:
-            views = WeightViews(weight, self.groups)
-            if weight.requires_grad:
-                return cache["matrices"], views
-            cache.update(weight_key=weight_key, views=views)
-        return cache["matrices"], cache["views"]
+            return cache.matrices, None
+        if weight.requires_grad:
+            return cache.matrices, WeightViews(weight, self.groups)
+        weight_key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+        if cache.weight_key != weight_key:
+            cache.weight_key, cache.views = weight_key, WeightViews(weight, self.groups)
+        return cache.matrices, cache.views
 
     def trains(self) -> bool:
         """Train mode, gradients on and a trainable parameter: a forward then yields a noise loss."""
-        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values())
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}, t={self.timestep}, form={self.form}"
@@ -360,22 +408,34 @@ class DenoisedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        denoiser: LayerDenoiser = layer.parametrizations.weight[0]
-        weight, bias = layer.parametrizations.weight.original, layer.bias
+        # The registries themselves, not `layer.parametrizations.weight[0]`: attribute lookups through
+        # nn.Module cost more per call than the rest of a small layer's step.
+        parametrization = layer._modules["parametrizations"]._modules["weight"]
+        denoiser: LayerDenoiser = parametrization._modules["0"]
+        weight = parametrization._parameters["original"]
+        bias = layer._parameters["bias"] if "bias" in layer._parameters else layer.bias
         if not denoiser.enabled:
             return run_layer(layer, x, weight, bias)
         if not denoiser.trains():
             # Eval, or frozen denoisers (the alternating schedule's backbone phase): W′ from the
             # parametrization (cached inside `parametrize.cached()`), with autograd where it is on.
             return run_layer(layer, x, layer.weight, denoiser.shifted_bias(weight, bias))
-        params = denoiser.matrix_parameters()
-        noise = denoiser.noise if denoiser.sample_noise else None
         # Under `noise_loss_only` only the noise loss carries gradients: W′ and b′ go in as constants.
         task = not denoiser.noise_loss_only
+        if (denoiser.linear_step and not weight.requires_grad and (bias is None or not bias.requires_grad)
+                and not torch.compiler.is_compiling()):
+            rows = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
+            fused_t, fused_bias, loss = LinearStep.apply(denoiser, task, rows, weight, bias, denoiser.e, denoiser.a,
+                                                         denoiser.A)
+            denoiser.queue_loss(loss, denoiser.loss_scale(x))
+            out = torch.addmm(fused_bias, rows, fused_t)  # F.linear, with the rows and W′ᵀ the step formed
+            return out if x.ndim == 2 else out.view(*x.shape[:-1], out.shape[-1])
+        params = denoiser.matrix_parameters()
+        noise = denoiser.noise if denoiser.sample_noise else None
         path = "input" if task and denoiser.prefers_input_path(x, weight) else "weight"
         out, fused_bias, loss = LayerStep.apply(denoiser, path, task, x, weight, bias, noise, denoiser.e, denoiser.a,
                                                 *params)
-        denoiser.queue_loss(loss, 1.0 / denoiser.loss_elements(x))
+        denoiser.queue_loss(loss, denoiser.loss_scale(x))
         return run_layer(layer, out, weight, fused_bias) if path == "input" else run_layer(layer, x, out, fused_bias)
 
 
@@ -410,10 +470,6 @@ def denoiser_of(layer: nn.Module) -> LayerDenoiser | None:
             return p
     return None
 
-
-# The per-step views of each denoiser (`LayerDenoiser.step_operands`), outside the module so that
-# copies and checkpoints of it do not carry them.
-_STEP_OPERANDS: "weakref.WeakKeyDictionary[LayerDenoiser, dict]" = weakref.WeakKeyDictionary()
 
 # Forwards whose noise losses may wait for a `denoise_loss` call (gradient accumulation);
 # beyond that the oldest are dropped, so a loop that never collects them cannot leak graphs.
