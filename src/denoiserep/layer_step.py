@@ -576,14 +576,19 @@ def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: fl
         norm = torch.linalg.vector_norm(res).to(mean.dtype)
         value = torch.addcmul(torch.linalg.vector_norm(mean).square(), norm, norm, value=positions)
     if loss_type in ("l1", "l1+l2"):
-        sigma = res.square().sum(-1).view(-1).to(mean.dtype).clamp_min_(1e-12).sqrt_()
-        z = mean / pointwise.broadcast(sigma)
-        gauss = z.square().mul_(-0.5).exp_()
-        erf = z.mul_(math.sqrt(0.5)).erf_()
+        # E|N(m, σ²)| = σ √(2/π) exp(−w²) + m erf(w), w = m / (σ √2); σ_j = ‖row j of I − r A‖ ≥ 1e-6.
+        norms = torch.linalg.vector_norm(res, dim=-1)
+        sigma = (norms if norms.ndim == 1 else norms.view(-1)).to(mean.dtype).clamp_min_(1e-6)
+        zero = mats.zero if mats.zero.dtype == mean.dtype else mean.new_zeros(())
+        w = torch.addcdiv(zero, mean, pointwise.broadcast(sigma), value=math.sqrt(0.5))
+        gauss = torch.addcmul(zero, w, w, value=-1.0).exp_()
+        erf = w.erf_()
         gauss_sum = pointwise.sum_positions(gauss)
         l1 = axpy_(torch.vdot(mean.reshape(-1), erf.reshape(-1)), torch.dot(gauss_sum, sigma), math.sqrt(2 / math.pi))
         value = l1 if value is None else value.add_(l1)
-        state.update(erf=erf, gauss_sum=gauss_sum, sigma=sigma)
+        # ∂/∂σ_j = √(2/π) Σ gauss, and σ_j² = Σ_i res_ji², ∂res/∂A = −r: ∂/∂A_ji = −r res_ji ∂σ_j / σ_j.
+        per_row = torch.addcdiv(zero, gauss_sum, sigma, value=-r * math.sqrt(2 / math.pi))
+        state.update(erf=erf, res_scale=per_row.view(*res.shape[:-1], 1).to(res.dtype))
     return value, state
 
 
@@ -598,9 +603,7 @@ def _per_position_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.
         grad_res = res.mul(scale * (-2 * r * (count // pointwise.channels)))  # −r ∂/∂res of M ‖res‖²
     else:
         grad_mean = state["erf"].mul(scale)
-        grad_sigma = state["gauss_sum"].mul(scale * math.sqrt(2 / math.pi))  # ∂/∂σ_j
-        # σ_j² = Σ_i res_ji²: ∂/∂res_ji = res_ji ∂σ_j / σ_j; and ∂res/∂A = −r.
-        grad_res = res.mul(grad_sigma.div_(state["sigma"]).mul_(-r).view(*res.shape[:-1], 1).to(res.dtype))
+        grad_res = res.mul(state["res_scale"]).mul_(scale)
         if loss_type == "l1+l2":
             grad_mean.add_(mean.mul(scale * 2))
             grad_res.add_(res.mul(scale * (-2 * r * (count // pointwise.channels))))
