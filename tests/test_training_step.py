@@ -208,12 +208,13 @@ def test_label_free_step_equals_the_formulas(kind, setting, form):
     assert_same_step(model, x, label_free=True, backbone=False)
 
 
+@pytest.mark.parametrize("label_free", [False, True], ids=["label-aug", "label-free"])
 @pytest.mark.parametrize("setting", ["sampled l1 (the paper)", "expected l2", "expected l1, input path"])
 @pytest.mark.parametrize("kind", ["linear on tokens", "conv 1x1", "conv 3x3, zero padding, no bias", "conv groups 2"])
-def test_a_token_fraction_draws_the_same_positions_and_noise_as_the_formulas(kind, setting):
+def test_a_token_fraction_draws_the_same_positions_and_noise_as_the_formulas(kind, setting, label_free):
     estimator, loss, path = SETTINGS[setting]
     model, x = converted(kind, loss_estimator=estimator, loss=loss, training_path=path, loss_token_fraction=0.4)
-    assert_same_step(model, x, label_free=False, backbone=False)
+    assert_same_step(model, x, label_free=label_free, backbone=False)
 
 
 @pytest.mark.parametrize("form", ["full", "low_rank"])
