@@ -117,7 +117,7 @@ class Matrices:
     def __init__(self, form: str, params):
         self.form, self.params = form, params
         self.groups = params[0].shape[0]
-        self._kernels: dict[tuple[int, int], torch.Tensor] = {}
+        self._kept: dict[tuple, object] = {}
         if form == "full":
             self.A = params[0]
         else:
@@ -135,17 +135,20 @@ class Matrices:
     def flat(self) -> torch.Tensor:
         return self.A.view(-1)
 
+    def _keep(self, key: tuple, make):
+        """``make()``, formed once per key and kept (views stay valid while the parameters keep their
+        storage); inside torch.compile formed anew, as the traced graph keeps nothing."""
+        if torch.compiler.is_compiling():
+            return make()
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
     def block(self, index: int, transposed: bool = False) -> torch.Tensor:
         """Parameter ``index``'s one (2-D) block, or its transpose: with one group the products are
         plain ``mm`` / ``mv``."""
-        if torch.compiler.is_compiling():
-            block = self.params[index][0]
-            return block.t() if transposed else block
-        key = ("block", index, transposed)
-        if key not in self._kernels:
-            block = self.params[index][0]
-            self._kernels[key] = block.t() if transposed else block
-        return self._kernels[key]
+        return self._keep(("block", index, transposed),
+                          lambda: self.params[index][0].t() if transposed else self.params[index][0])
 
     @_lazy
     def diag_flat(self) -> torch.Tensor:
@@ -153,12 +156,7 @@ class Matrices:
 
     def kernel(self, index: int, matrix: torch.Tensor, unit: list[int]) -> torch.Tensor:
         """(groups, out, in) blocks as a grouped 1 × 1 convolution weight."""
-        key = (index, len(unit))
-        if torch.compiler.is_compiling():
-            return matrix.reshape(-1, matrix.shape[-1], *unit)
-        if key not in self._kernels:
-            self._kernels[key] = matrix.reshape(-1, matrix.shape[-1], *unit)
-        return self._kernels[key]
+        return self._keep(("kernel", index, len(unit)), lambda: matrix.reshape(-1, matrix.shape[-1], *unit))
 
     def dense(self) -> torch.Tensor:
         return self.A if self.form == "full" else torch.diag_embed(self.diag) + self.U @ self.V
@@ -167,14 +165,8 @@ class Matrices:
         """(c3 I − c1 A)ᵀ as a 1 × 1 convolution kernel (full rank, one group): over a conv's W as its
         input (batch: outputs, spatial: kernel), conv(W, K)[o, j, k] = Σ_i (c3 I − c1 A)[i, j] W[o, i, k]."""
         unit = [1] * spatial_dims
-        if torch.compiler.is_compiling():
-            eye, a_t = self.eye.mul(c3).view(*self.eye.shape, *unit), self.A2t.reshape(*self.A2t.shape, *unit)
-        else:
-            key = ("mixing", c3, spatial_dims)
-            if key not in self._kernels:
-                self._kernels[key] = (self.eye.mul(c3).view(*self.eye.shape, *unit),
-                                      self.A2t.view(*self.A2t.shape, *unit))
-            eye, a_t = self._kernels[key]
+        eye, a_t = self._keep(("mixing", c3, spatial_dims), lambda: (self.eye.mul(c3).view(*self.eye.shape, *unit),
+                                                                     self.A2t.reshape(*self.A2t.shape, *unit)))
         return axpy(eye, a_t, -c1)
 
     @_lazy
