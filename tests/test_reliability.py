@@ -412,6 +412,16 @@ def test_the_fused_outputs_relative_error_is_nan_when_an_output_is_nan_and_never
     assert np.isnan(worst([0.5, float("nan"), 0.1])) and worst([0.5, 0.1]) == 0.5
 
 
+def test_an_infinity_both_outputs_share_does_not_hide_the_other_differences():
+    from denoiserep.finite import within
+    from denoiserep.fuse import max_relative_error
+
+    masked = torch.tensor([1.0, 2.0, -float("inf")])  # e.g. logits under a −inf attention mask
+    assert max_relative_error([masked], [masked.clone()]) == 0.0
+    error = max_relative_error([masked], [torch.tensor([100.0, 2.0, -float("inf")])])
+    assert error == pytest.approx(99.0 / 2.0) and not within(error, 1e-4)
+
+
 def test_denoiserep_fuse_refuses_a_checkpoint_with_non_finite_denoisers_and_writes_nothing(finished_run, tmp_path,
                                                                                            capsys):
     run = tmp_path / "run"

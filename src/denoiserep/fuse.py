@@ -264,8 +264,10 @@ def eval_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
 
 
 def max_relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    """The worst ``max |actual − reference| / max |reference|`` over matching tensors; NaN when a NaN
-    is in either (`denoiserep.finite`: a NaN error never passes a tolerance)."""
+    """The worst ``max |actual − reference| / max |reference|`` over matching tensors, the scale over
+    the reference's finite entries (an infinity it shares, e.g. a −inf attention mask, must not make
+    every other difference vanish); NaN when a NaN is in either (`denoiserep.finite`: a NaN error
+    never passes a tolerance)."""
     if len(reference) != len(actual):
         raise RuntimeError("the fused model returns a different number of tensors than the unfused one")
     errors = []
@@ -273,6 +275,7 @@ def max_relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]
         if ref.shape != out.shape:
             raise RuntimeError(f"fused output shape {tuple(out.shape)} differs from unfused {tuple(ref.shape)}")
         if ref.numel():
-            scale = float(ref.abs().max().double().clamp_min(1e-12))
+            finite = ref[torch.isfinite(ref)]
+            scale = float(finite.abs().max().double().clamp_min(1e-12)) if finite.numel() else 1e-12
             errors.append(max_abs_difference(ref, out) / scale)
     return worst(errors)
