@@ -89,6 +89,17 @@ def test_label_free_training_on_voc_runs_only_the_backbone(tmp_path):
     assert result["extra"]["detection_images_differ"] == 0
 
 
+def test_the_training_loss_parts_stay_on_the_device(tmp_path):
+    # The loop sums them there and reads them every few steps: a float per part would wait for the device.
+    cfg = TrainConfig(task="detection", data=f"coco:{coco(tmp_path / 'coco')}", model="fcos_test_resnet",
+                      model_kwargs=FAMILIES["fcos_test_resnet"], batch_size=2)
+    task = DetectionTask(cfg)
+    model = task.build_model().train()
+    loss, parts = task.training_loss(model, next(iter(task.train_loader(DistInfo(), seed=0, epoch=0))))
+    assert parts and all(isinstance(value, torch.Tensor) and not value.requires_grad for value in parts.values())
+    torch.testing.assert_close(sum(value.float() for value in parts.values()), loss.detach())
+
+
 @pytest.mark.parametrize("scope, stops_before", [("backbone", "fpn"), ("backbone+neck", "head"), ("all", None)])
 def test_label_free_forwards_go_as_far_as_the_converted_layers(tmp_path, scope, stops_before):
     cfg = TrainConfig(task="detection", data=f"coco:{coco(tmp_path / 'coco')}", model="fcos_test_resnet",

@@ -201,6 +201,7 @@ def test_a_batch_without_labelled_pixels_adds_no_task_loss_instead_of_nan(tmp_pa
     with caplog.at_level("WARNING"):
         loss, parts = task.training_loss(model, (images, torch.full((2, *SIZE), IGNORE_INDEX)))
     assert loss.item() == 0.0 and parts == {"loss_main": 0.0, "loss_aux": 0.0}
+    assert all(isinstance(value, torch.Tensor) for value in parts.values())  # summed on the device, read rarely
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     assert "a training batch has no labelled pixel" in caplog.text

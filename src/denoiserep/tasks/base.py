@@ -82,9 +82,10 @@ class Task(Protocol):
         """The first ``max_batches`` validation batches, inputs only, always the same."""
 
     # -- training --------------------------------------------------------------------------
-    def training_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """Forward ``batch`` (on the device, in train mode) and return the task loss and its named
-        parts (for the log; may be empty). Label-aug DenoiseRep adds the noise loss to it."""
+        parts (for the log; may be empty): detached tensors, which the loop sums on the device and
+        reads every few steps, or floats. Label-aug DenoiseRep adds the noise loss to it."""
 
     def noise_forward(self, model: nn.Module, inputs: Any) -> None:
         """A forward that only feeds the denoisers' noise losses (label-free steps, extra data): no

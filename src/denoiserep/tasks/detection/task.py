@@ -138,12 +138,13 @@ class DetectionTask(TaskBase):
                           **loader_options(self.cfg), collate_fn=collate)
 
     # -- training ----------------------------------------------------------------------------
-    def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The detector's own loss dict, summed (torchvision's reference scripts do the same)."""
+    def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The detector's own loss dict, summed (torchvision's reference scripts do the same); the parts
+        stay on the device (an ``.item()`` each would make every step wait for it)."""
         images, targets = batch
         losses = model(images, targets)
         total = sum(loss.float() for loss in losses.values())
-        return total, {name: loss.item() for name, loss in losses.items()}
+        return total, {name: loss.detach() for name, loss in losses.items()}
 
     def noise_forward(self, model: nn.Module, inputs) -> None:
         """Label-free steps: only as far as the converted layers reach (the backbone by default)."""

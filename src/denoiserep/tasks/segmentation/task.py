@@ -110,7 +110,7 @@ class SegmentationTask(TaskBase):
         return [images for images, _ in itertools.islice(batches, max_batches)]
 
     # -- training ----------------------------------------------------------------------------
-    def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Cross-entropy over the labelled pixels (+ the auxiliary head's). A batch without any (every
         pixel the ignore index) has no task loss: it contributes 0, where the mean over no pixels would be
         NaN, and the first one is logged."""
@@ -132,7 +132,7 @@ class SegmentationTask(TaskBase):
         if "aux" not in outputs:
             return main, {}
         aux = loss(outputs["aux"])
-        return main + AUX_LOSS_WEIGHT * aux, {"loss_main": main.item(), "loss_aux": aux.item()}
+        return main + AUX_LOSS_WEIGHT * aux, {"loss_main": main.detach(), "loss_aux": aux.detach()}
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
