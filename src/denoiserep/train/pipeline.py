@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from ..report import Row, format_table, plot_report, write_report
 from ..timing import forward_flops, time_interleaved
 from .config import TrainConfig
 from .distributed import DistInfo
+from .outputs import read_result
 from .rundir import check_run, run_locks, seed_config
 from .stages import StageResult, StageSpec, check_stage_settings, noise_loss_line, run_stage
 
@@ -107,7 +107,7 @@ def _add_finished_stages(cfg: TrainConfig, task, seeds: list[int], results: dict
         seed_cfg = seed_config(cfg, seed, len(seeds))
         for variant in finished:
             if variant not in results[seed]:
-                stage = json.loads(found[variant].read_text())["stage"]
+                stage = read_result(found[variant]).stage
                 results[seed][variant] = run_stage(StageSpec(stage, variant), seed_cfg, task, info, device,
                                                    resume=True)
         results[seed] = {variant: results[seed][variant] for variant in sorted(results[seed], key=order)}

@@ -111,8 +111,8 @@ def check_stage_settings(specs: list[StageSpec], cfg: TrainConfig, task, device:
         warnings.simplefilter("ignore")  # the stage itself warns about what its conversion leaves out
         if "head" in stages:
             denoise_head(task, cfg, task.build_model().to(device))
-        configs = {json.dumps(spec.config(cfg).denoise, sort_keys=True, default=str): spec.config(cfg)
-                   for spec in specs if spec.stage == "denoise"}
+        denoise_configs = [spec.config(cfg) for spec in specs if spec.stage == "denoise"]
+        configs = {json.dumps(spec_cfg.denoise, sort_keys=True, default=str): spec_cfg for spec_cfg in denoise_configs}
         for spec_cfg in configs.values():  # each distinct conversion once
             model = task.build_model().to(device)
             root = task.conversion_root(model)
@@ -306,7 +306,7 @@ class _StageRunner:
                 trains_noise = epoch_settings.lam > 0 or epoch_settings.noise_weight is not None
                 extra = self.task.extra_loader(info, cfg.seed, epoch) if phase != "backbone" and trains_noise \
                     else None
-                backbone_steps = len(loader) if phase in ("all", "backbone") and self.spec.stage != "head" else 0
+                backbone_steps = len(loader) if phase in ("all", "backbone") else 0
                 try:
                     train_stats, num_updates = train_one_epoch(
                         train_model, loader, optimizer, self.task, epoch_settings, epoch=epoch,
