@@ -166,19 +166,14 @@ class CalibrationReport:
 
 def linear_denoiser(denoiser: LayerDenoiser, parameters: dict[str, torch.Tensor] | None = None) -> LinearDenoiser:
     """The denoiser's affine map ε̂ = A x + c in float64, from its parameters (or from ``parameters``,
-    by name, e.g. a snapshot); a diagonal full A is kept diagonal (O(d) to evaluate)."""
+    by name, e.g. a snapshot)."""
     values = {name: p.detach().double() for name, p in denoiser.named_parameters()}
     values.update({name: p.detach().double() for name, p in (parameters or {}).items()})
     g, d = denoiser.groups, denoiser.group_channels
     if denoiser.form == "low_rank":
         linear = LinearDenoiser(values["a"], diag=values["A_diag"], U=values["U"], V=values["V"])
-    else:
-        diagonal = torch.diagonal(values["A"], dim1=-2, dim2=-1)
-        if torch.equal(values["A"], torch.diag_embed(diagonal)):  # e.g. the identity start
-            empty = values["A"].new_zeros(g, d, 0)
-            linear = LinearDenoiser(values["a"], diag=diagonal, U=empty, V=empty.mT)
-        else:
-            linear = LinearDenoiser(values["a"], matrix=values["A"])
+    else:  # a diagonal A (the identity start) stays cheap: `LinearDenoiser.times_covariance` checks
+        linear = LinearDenoiser(values["a"], matrix=values["A"])
     linear.constant = linear.times(values["e"].reshape(g, d, 1)).reshape(-1) + values["a"]  # A e + a
     return linear
 
@@ -230,16 +225,17 @@ def _product_dtype(denoiser: LayerDenoiser) -> torch.dtype:
 
 
 def _layer_loss(name: str, layer: nn.Module, denoiser: LayerDenoiser, stats: InputStatistics,
-                l1: float | None = None, l2: float | None = None) -> LayerNoiseLoss:
+                l1: float | None = None, l2: float | None = None, l2_optimum: float | None = None) -> LayerNoiseLoss:
+    """The layer's report row on ``stats``; ``l2`` / ``l2_optimum`` where the caller has them already."""
     s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
     if l2 is None:
         l2 = float(expected_l2(linear_denoiser(denoiser), stats, s, n, _product_dtype(denoiser)))
     with torch.no_grad():
-        dtype = torch.promote_types(denoiser.a.dtype, torch.float32)
-        weight = layer.parametrizations.weight.original.to(dtype)
+        weight = layer.parametrizations.weight.original.to(_product_dtype(denoiser))
         change = torch.linalg.vector_norm(denoiser(weight) - weight) / torch.linalg.vector_norm(weight).clamp_min(1e-30)
     return LayerNoiseLoss(name=name, timestep=denoiser.timestep, samples=stats.count, l2=l2,
-                          l2_optimum=optimal_l2(stats, s, n), l1=l1, weight_change=float(change),
+                          l2_optimum=optimal_l2(stats, s, n) if l2_optimum is None else l2_optimum, l1=l1,
+                          weight_change=float(change),
                           rows_per_channel=stats.rows_per_channel)
 
 
@@ -510,6 +506,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
     # Every change is undone if anything fails, including the final check against the start.
     snapshot = {name: {k: p.detach().clone() for k, p in denoiser.named_parameters()} for name, _, denoiser in layers}
     before: dict[str, LayerNoiseLoss] = {}
+    measured_on: dict[str, InputStatistics] = {}  # the statistics `before` was measured on
     fits: dict[str, LayerFit] = {}
     fitted_on: dict[str, InputStatistics] = {}
     heldout_batches: list = []
@@ -537,6 +534,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
                     current_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n, _product_dtype(denoiser)))
                     if pass_index == 0:
                         before[name] = _layer_loss(name, layer, denoiser, measured, l1_before.get(name), current_l2)
+                        measured_on[name] = measured
                     fitted, rho = fit_layer(denoiser, fit, heldout, shrinkage)
                     fitted_l2 = float(expected_l2(fitted, measured, s, n, _product_dtype(denoiser)))
                     kept = fitted_l2 > current_l2
@@ -550,7 +548,8 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
             pass_index += 1
             if passes != "auto" and pass_index < passes:
                 continue
-            after, worse = _after(model, chunks, snapshot, fitted_on, heldout_batches if held_out else None,
+            after, worse = _after(model, chunks, snapshot, fitted_on, before, measured_on,
+                                  heldout_batches if held_out else None,
                                   progress, precision)
             if not worse:
                 break
@@ -575,11 +574,12 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
 
 
 def _after(model: nn.Module, chunks, snapshot: dict, fitted_on: dict[str, InputStatistics],
-           heldout_batches: list | None, progress: bool,
-           precision: torch.dtype) -> tuple[list[LayerNoiseLoss], list[tuple[str, float, float]]]:
+           before: dict[str, LayerNoiseLoss], measured_on: dict[str, InputStatistics], heldout_batches: list | None,
+           progress: bool, precision: torch.dtype) -> tuple[list[LayerNoiseLoss], list[tuple[str, float, float]]]:
     """Every calibrated layer's loss on the held-out batches run again through the calibrated model
     (without a hold-out: on the statistics it was fitted to), and the layers that end above the loss
-    their starting denoiser has on the same rows."""
+    their starting denoiser has on the same rows. Where those rows are the ones `before` was measured
+    on (in-sample, one pass), its starting loss and optimum are reused, not computed again."""
     after: dict[str, LayerNoiseLoss] = {}
     worse: list[tuple[str, float, float]] = []
     for group in chunks:
@@ -593,9 +593,13 @@ def _after(model: nn.Module, chunks, snapshot: dict, fitted_on: dict[str, InputS
             if name not in fitted_on or stats.get(name) is None:
                 continue
             s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
-            after[name] = _layer_loss(name, layer, denoiser, stats[name])
-            start_l2 = float(expected_l2(linear_denoiser(denoiser, snapshot[name]), stats[name], s, n,
-                                         _product_dtype(denoiser)))
+            if measured_on.get(name) is stats[name]:
+                after[name] = _layer_loss(name, layer, denoiser, stats[name], l2_optimum=before[name].l2_optimum)
+                start_l2 = before[name].l2
+            else:
+                after[name] = _layer_loss(name, layer, denoiser, stats[name])
+                start_l2 = float(expected_l2(linear_denoiser(denoiser, snapshot[name]), stats[name], s, n,
+                                             _product_dtype(denoiser)))
             # Float32 parameters round the float64 fit: a relative 1e-6 is rounding, not a worse fit.
             if after[name].l2 > start_l2 + 1e-6 * abs(start_l2) + 1e-12:
                 worse.append((name, start_l2, after[name].l2))

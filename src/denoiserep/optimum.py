@@ -87,15 +87,10 @@ def expected_l2(denoiser: LinearDenoiser, stats: InputStatistics, s: float, n: f
 
 
 def optimal_l2(stats: InputStatistics, s: float, n: float) -> float:
-    """The minimum of `expected_l2` over linear denoisers: ``(1/C) Σ_groups (d − n² tr K⁻¹)``."""
-    factor, info = torch.linalg.cholesky_ex(_k_matrix(stats.covariance, s, n))
-    if bool((info == 0).all()):
-        eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device).expand_as(factor)
-        inverse_trace = torch.linalg.solve_triangular(factor, eye, upper=False).square().sum()
-    else:  # rounding left Σ below −(n/s)² somewhere: clamp its spectrum
-        values = torch.linalg.eigvalsh(stats.covariance).clamp_min(0.0)
-        inverse_trace = (1.0 / (s * s * values + n * n)).sum()
-    return float((stats.channels - n * n * inverse_trace) / stats.channels)
+    """The minimum of `expected_l2` over linear denoisers: ``(1/C) Σ_groups (d − n² tr K⁻¹)``, with
+    tr K⁻¹ = ‖F⁻ᵀ‖²_F for K = F Fᵀ (`cholesky_factor`)."""
+    _, inverse_transpose = cholesky_factor(stats, s, n)
+    return float((stats.channels - n * n * inverse_transpose.square().sum()) / stats.channels)
 
 
 def _k_matrix(covariance: torch.Tensor, s: float, n: float) -> torch.Tensor:
@@ -132,11 +127,11 @@ def analytic_shrinkage(stats: InputStatistics) -> float:
 
 def full_rank_optimum(stats: InputStatistics, s: float, n: float, rho: float = 0.0) -> torch.Tensor:
     """A = n K_ρ⁻¹ per group (float64), by a Cholesky solve."""
-    k = _k_matrix(shrunk_covariance(stats.covariance, rho), s, n)
-    factor, info = torch.linalg.cholesky_ex(k)
+    covariance = shrunk_covariance(stats.covariance, rho)
+    factor, info = torch.linalg.cholesky_ex(_k_matrix(covariance, s, n))
     if bool((info == 0).all()):
         return n * torch.cholesky_inverse(factor)
-    values, vectors = torch.linalg.eigh(shrunk_covariance(stats.covariance, rho))
+    values, vectors = torch.linalg.eigh(covariance)
     return n * (vectors / (s * s * values.clamp_min(0.0) + n * n).unsqueeze(-2)) @ vectors.mT
 
 
