@@ -42,11 +42,8 @@ def training_step(config: dict | None, lam: float, batch: int, compiled: bool):
     model = timm.create_model(MODEL, num_classes=1000).cuda()
     x = torch.randn(batch, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (batch,), device="cuda")
-    # The forward is compiled after conversion (`training_step` converts the model it is given).
-    holder: dict = {}
-    step = launch.training_step(model, x, y, config, lam, lambda inputs: holder["forward"](inputs), fused=True,
-                                autocast=torch.bfloat16)
-    holder["forward"] = torch.compile(model, mode="reduce-overhead") if compiled else model
+    forward = torch.compile(model, mode="reduce-overhead") if compiled else None  # traced at its first call
+    step = launch.training_step(model, x, y, config, lam, forward, fused=True, autocast=torch.bfloat16)
     for _ in range(3):  # compile, capture, warm
         step()
     torch.cuda.synchronize()

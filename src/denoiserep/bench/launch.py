@@ -16,20 +16,20 @@ is what the step costs there, and it is the same on any machine.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import denoiserep as dr
 
-from ..timing import time_interleaved
+from ..timing import cpu_clock, time_interleaved
 from .dispatch import OperatorCount, count_operators
+from .models import convert_quietly
 from .tables import ci_text, met, table, verdict
+from .training import optimizer_step
 
 # (label, DenoiseConfig fields, λ); None: plain fine-tuning.
 SETTINGS: tuple[tuple[str, dict | None, float], ...] = (
@@ -55,35 +55,19 @@ OPERATOR_MODELS = ("vit_small_patch16_224", "resnet50")
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: dict | None, lam: float,
                   forward: Callable | None = None, *, fused: bool = False,
                   autocast: torch.dtype | None = None) -> Callable[[], None]:
-    """One AdamW step of plain fine-tuning or of the denoiser phase: foreach AdamW (torch's default on
-    the CPU) or ``fused`` (torch's one-kernel CUDA AdamW), under ``autocast`` if given."""
+    """One AdamW step of plain fine-tuning (``config`` None) or of the denoiser phase: foreach AdamW
+    (torch's default on the CPU) or ``fused`` (torch's one-kernel CUDA AdamW), under ``autocast`` if
+    given. ``forward`` may be the model's torch.compile, made before the conversion (it compiles lazily)."""
     if config is None:
         params = list(model.parameters())
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dr.convert(model, dr.DenoiseConfig(keep_state_dict_keys=False, **config), example_inputs=x[:1])
+        convert_quietly(model, dr.DenoiseConfig(keep_state_dict_keys=False, **config), x[:1])
         dr.set_trainable(model)
         params = list(dr.denoiser_parameters(model))
     model.train()
-    run = forward if forward is not None else model
     optimizer = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {"foreach": True}))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
-            if config is None:
-                loss = F.cross_entropy(run(x), y)
-            elif lam == 1.0:
-                with dr.noise_loss_only(model):
-                    run(x)
-                loss = dr.denoise_loss(model)
-            else:
-                loss = (1 - lam) * F.cross_entropy(run(x), y) + lam * dr.denoise_loss(model)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return optimizer_step(model, x, y, None if config is None else lam, optimizer,
+                          lambda: torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None), forward)
 
 
 @dataclass
@@ -126,10 +110,8 @@ def layer_budget() -> list[tuple[str, str, int, int]]:
             model = nn.Sequential(build())
             x = torch.randn(*shape, requires_grad=True)
             if config is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    dr.convert(model, dr.DenoiseConfig(keep_state_dict_keys=False, exclude_classifier=False, **config),
-                               example_inputs=x[:1])
+                convert_quietly(model, dr.DenoiseConfig(keep_state_dict_keys=False, exclude_classifier=False, **config),
+                                x[:1])
                 dr.set_trainable(model)
             model.train()
 
@@ -206,12 +188,7 @@ def head_rows(steps: int, repeats: int) -> list[tuple[str, int, int, float]]:
         for form, fn in forms.items():
             fn(), fn()  # compile, warm
             count = count_operators(fn) if "compile" not in form else None
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            times.sort()
+            times = sorted(cpu_clock(fn) for _ in range(repeats))
             rows.append((form, count.dispatched if count else 0, count.kernels if count else 0,
                          times[len(times) // 2] * 1e3))
     return rows

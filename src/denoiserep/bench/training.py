@@ -3,6 +3,7 @@ the denoiser phase (label-aug and label-free, full and low rank) against plain f
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import sys
@@ -13,6 +14,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -110,9 +112,6 @@ def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settin
     if variant.denoiser is None:
         params = list(model.parameters())
         info = TrainInfo(sum(p.numel() for p in params), 0, backbone)
-
-        def loss_fn() -> torch.Tensor:
-            return F.cross_entropy(model(x), y)
     else:
         config = benchmark_config(spec, denoiser=variant.denoiser, loss_token_fraction=variant.loss_token_fraction,
                                   loss=variant.loss, loss_estimator=variant.estimator, training_path=variant.path)
@@ -120,24 +119,35 @@ def build_training_step(spec: ModelSpec, variant: TrainVariant, settings: Settin
         counts = dr.set_trainable(model, denoisers=True, backbone=False)
         params = list(dr.denoiser_parameters(model))
         info = TrainInfo(counts["denoisers"], counts["denoisers"], backbone)
+    lam = None if variant.denoiser is None else variant.lam
+    return optimizer_step(model, x, y, lam, torch.optim.AdamW(params, lr=1e-4), lambda: autocast(settings)), info
 
-        def loss_fn() -> torch.Tensor:
-            if variant.lam == 1.0:
-                with dr.noise_loss_only(model):
-                    model(x)
-                return dr.denoise_loss(model)
-            return (1 - variant.lam) * F.cross_entropy(model(x), y) + variant.lam * dr.denoise_loss(model)
 
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+def optimizer_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float | None,
+                   optimizer: torch.optim.Optimizer, autocast_context: Callable[[], contextlib.AbstractContextManager],
+                   forward: Callable | None = None) -> Callable[[], None]:
+    """One optimizer step: plain fine-tuning (``lam`` None, cross-entropy), or the denoiser phase,
+    label-free under `noise_loss_only` (λ = 1, as the trainer runs it) or (1 − λ)·CE + λ·denoise_loss.
+    ``forward``: what runs the model (e.g. its torch.compile), the model itself by default."""
+    run = forward if forward is not None else model
+
+    def loss_fn() -> torch.Tensor:
+        if lam is None:
+            return F.cross_entropy(run(x), y)
+        if lam == 1.0:
+            with dr.noise_loss_only(model):
+                run(x)
+            return dr.denoise_loss(model)
+        return (1 - lam) * F.cross_entropy(run(x), y) + lam * dr.denoise_loss(model)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(settings):
+        with autocast_context():
             loss = loss_fn()
         loss.backward()
         optimizer.step()
 
-    return step, info
+    return step
 
 
 def _proc_status_kib(key: str) -> int:
