@@ -16,16 +16,17 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write, read_safetensors
+from .checkpoint import atomic_write, read_safetensors, read_safetensors_metadata
 from .convert import (
-    STATE_ATTR,
     ConversionState,
     apply_plan,
+    conversion_roots,
+    denoiser_flag,
     denoiser_parameters,
+    drop_conversion_state,
     is_converted,
     layer_denoisers,
     norm_statistics_held,
@@ -44,12 +45,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     `load_adapter` attaches them to a freshly built original model; the backbone's weights come from
     wherever the user keeps them (they are frozen while the denoisers train)."""
     model = unwrap(model)
-    roots = _conversions(model)
+    roots = conversion_roots(model)
     if not roots:
         raise ValueError("this model has no DenoiseRep denoisers to save; call denoiserep.convert(model) first")
-    tensors = {f"{name}.{key}": value.detach().contiguous()
-               for name, _, denoiser in layer_denoisers(model) for key, value in denoiser.state_dict().items()}
-    metadata = {"format": ADAPTER_FORMAT, "conversions": json.dumps({prefix: state.to_dict() for prefix, state in roots})}
+    tensors = {key: value.detach().contiguous() for key, value in _denoiser_tensors(model).items()}
+    metadata = {"format": ADAPTER_FORMAT,
+                "conversions": json.dumps({prefix: state.to_dict() for prefix, _, state in roots})}
     return atomic_write(_adapter_path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -62,9 +63,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     path = _adapter_path(path)
     if is_converted(model):
         raise RuntimeError("load_adapter() needs a model without denoisers (freshly built, or after unload())")
-    tensors = read_safetensors(path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    metadata = read_safetensors_metadata(path)
     if metadata.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not a denoiserep adapter file (expected format {ADAPTER_FORMAT!r}, found "
                          f"{metadata.get('format')!r}); save one with denoiserep.save_adapter(model, path)")
@@ -78,6 +77,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if missing:
         raise ValueError(f"{path} converts submodules this model does not have: {missing}; build the architecture "
                          "the adapter was saved from")
+    tensors = read_safetensors(path)
     try:
         for prefix, state in conversions.items():
             apply_plan(modules[prefix], state)
@@ -89,12 +89,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def _load_denoiser_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = {f"{name}.{key}": (denoiser, key, value)
-                for name, _, denoiser in layer_denoisers(model) for key, value in denoiser.state_dict().items()}
+    expected = _denoiser_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{key}: file {tuple(tensors[key].shape)} {tensors[key].dtype} vs model {tuple(value.shape)}"
-             for key, (_, _, value) in expected.items()
+             for key, value in expected.items()
              if key in tensors and (tensors[key].shape != value.shape or not tensors[key].is_floating_point())]
     if missing or unexpected or wrong:
         parts = [f"{label}: {items[:5]}{' …' if len(items) > 5 else ''}"
@@ -103,7 +102,7 @@ def _load_denoiser_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], p
         raise ValueError(f"adapter {path} does not match this model's denoisers ({'; '.join(parts)}); build the "
                          "architecture (and its kwargs) the adapter was saved from")
     with torch.no_grad():
-        for key, (denoiser, name, value) in expected.items():
+        for key, value in expected.items():
             value.copy_(tensors[key])
 
 
@@ -112,9 +111,10 @@ def _adapter_path(path: str | os.PathLike) -> Path:
     return path / ADAPTER_FILE if path.is_dir() else path
 
 
-def _conversions(model: nn.Module) -> list[tuple[str, ConversionState]]:
-    return [(prefix, getattr(module, STATE_ATTR)) for prefix, module in model.named_modules()
-            if getattr(module, STATE_ATTR, None) is not None]
+def _denoiser_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every layer denoiser's state under its adapter-file key, ``<layer>.<tensor>``."""
+    return {f"{name}.{key}": value for name, _, denoiser in layer_denoisers(model)
+            for key, value in denoiser.state_dict().items()}
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -124,9 +124,7 @@ def unload(model: nn.Module) -> nn.Module:
     for _, layer, _ in list(layer_denoisers(model)):
         detach(layer)
         _remove_weight_parametrization(layer)
-    for module in model.modules():
-        if STATE_ATTR in module.__dict__:
-            delattr(module, STATE_ATTR)
+    drop_conversion_state(model)
     return model
 
 
@@ -135,15 +133,8 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Run the original model for a while (PEFT's ``disable_adapter``): inside the block every converted
     layer computes its original ``W x + b`` and accumulates no noise loss; the denoisers are untouched
     and act again after it. DenoiseRep⁻ heads are modules of the model's own forward and stay on."""
-    denoisers = [denoiser for _, _, denoiser in layer_denoisers(model)]
-    previous = [denoiser.enabled for denoiser in denoisers]
-    for denoiser in denoisers:
-        denoiser.enabled = False
-    try:
+    with denoiser_flag([denoiser for _, _, denoiser in layer_denoisers(model)], "enabled", False):
         yield model
-    finally:
-        for denoiser, enabled in zip(denoisers, previous):
-            denoiser.enabled = enabled
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, int]:

@@ -169,10 +169,15 @@ def _reading_safetensors(path: str | os.PathLike):
         ) from None
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A .safetensors file's metadata (its header only), or a ValueError that names the file."""
+    with _reading_safetensors(path), safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
 def read_fused_metadata(path: str | os.PathLike) -> dict:
     """The metadata `save_fused` stored with the weights (values decoded), {} for other safetensors files."""
-    with _reading_safetensors(path), safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
+    raw = read_safetensors_metadata(path)
     if raw.get("format") != FUSED_FORMAT:
         return {}
     decoded = {}

@@ -584,6 +584,18 @@ def is_converted(model: nn.Module) -> bool:
     return any(True for _ in layer_denoisers(model))
 
 
+def conversion_roots(model: nn.Module) -> list[tuple[str, nn.Module, ConversionState]]:
+    """(prefix, module, plan) of every module under ``model`` that `convert` was called on, in module order."""
+    return [(prefix, module, module.__dict__[STATE_ATTR]) for prefix, module in model.named_modules()
+            if STATE_ATTR in module.__dict__]
+
+
+def drop_conversion_state(model: nn.Module) -> None:
+    """Forget every conversion plan under ``model`` (its denoisers were fused or removed)."""
+    for module in model.modules():
+        module.__dict__.pop(STATE_ATTR, None)
+
+
 def conversion_state(model: nn.Module) -> ConversionState:
     model = unwrap(model)
     state = getattr(model, STATE_ATTR, None)
@@ -671,15 +683,22 @@ def noise_loss_only(model: nn.Module) -> Iterator[None]:
     gradients are exactly those of the same forward outside the context; the model's
     outputs carry no gradient (use it only when the task loss is not needed).
     """
-    denoisers = [module for module in loss_modules(model) if isinstance(module, LayerDenoiser)]
-    previous = [denoiser.noise_loss_only for denoiser in denoisers]
+    with denoiser_flag([module for module in loss_modules(model) if isinstance(module, LayerDenoiser)],
+                       "noise_loss_only", True):
+        yield
+
+
+@contextlib.contextmanager
+def denoiser_flag(denoisers: list[LayerDenoiser], name: str, value: bool) -> Iterator[None]:
+    """Set a flag (``noise_loss_only``, ``enabled``) on ``denoisers`` inside the block, restored after it."""
+    previous = [getattr(denoiser, name) for denoiser in denoisers]
     for denoiser in denoisers:
-        denoiser.noise_loss_only = True
+        setattr(denoiser, name, value)
     try:
         yield
     finally:
-        for denoiser, value in zip(denoisers, previous):
-            denoiser.noise_loss_only = value
+        for denoiser, before in zip(denoisers, previous):
+            setattr(denoiser, name, before)
 
 
 def denoiser_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

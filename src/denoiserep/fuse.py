@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
-from .convert import STATE_ATTR, WOULD_GAIN_A_BIAS, call_model, layer_denoisers, unwrap
+from .convert import WOULD_GAIN_A_BIAS, call_model, conversion_roots, drop_conversion_state, layer_denoisers, unwrap
 from .finite import max_abs_difference, non_finite, within, worst
 from .layers import detach
 
@@ -126,9 +126,7 @@ def fuse(
                 layer.bias = nn.Parameter(shift, requires_grad=weight.requires_grad)
                 how = "added"
             report.layers.append(FusedLayer(name, denoiser.timestep, how))
-    for module in model.modules():
-        if hasattr(module, STATE_ATTR):
-            delattr(module, STATE_ATTR)
+    drop_conversion_state(model)
     if overflowed:
         raise FusionError(
             f"the fused weights of {len(overflowed)} layers overflowed to NaN or infinity in their dtype: "
@@ -192,12 +190,8 @@ def _lowest_precision(model: nn.Module) -> torch.dtype:
 
 def _skipped_for_keys(model: nn.Module) -> list[str]:
     """The layers every `convert` under ``model`` left out so that none would gain a bias."""
-    skipped = []
-    for prefix, root in model.named_modules():
-        state = getattr(root, STATE_ATTR, None)
-        if state is not None:
-            skipped += [f"{prefix}.{e.name}" if prefix else e.name for e in state.left_out if e.reason == WOULD_GAIN_A_BIAS]
-    return skipped
+    return [f"{prefix}.{e.name}" if prefix else e.name for prefix, _, state in conversion_roots(model)
+            for e in state.left_out if e.reason == WOULD_GAIN_A_BIAS]
 
 
 def _remove_weight_parametrization(layer: nn.Module) -> None:
@@ -226,7 +220,7 @@ def _with_following_norms(model: nn.Module) -> list[tuple]:
     A plan's BatchNorm names are relative to the module `convert` was called on, which may be
     a submodule of ``model`` (``convert(detector.backbone)``, then ``fuse(detector)``).
     """
-    roots = [(prefix, module) for prefix, module in model.named_modules() if hasattr(module, STATE_ATTR)]
+    roots = [(prefix, module) for prefix, module, _ in conversion_roots(model)]
     found, seen = [], set()
     # Innermost roots first (reversed pre-order): a layer belongs to the nearest convert() call.
     for prefix, root in reversed(roots or [("", model)]):
