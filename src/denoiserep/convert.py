@@ -176,7 +176,7 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> tuple[dict[str, nn
     selected: dict[str, nn.Module] = {}
     left_out: list[LeftOut] = []
     unsafe: list[str] = []
-    skipped: list[str] = []
+    skipped: list[LeftOut] = []  # also warned about
     for name, module in typed:
         if id(module) in heads:
             left_out.append(LeftOut(name, heads[id(module)]))
@@ -189,15 +189,13 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> tuple[dict[str, nn
             left_out.append(LeftOut(name, f"{type(module).__name__} transforms its weight in forward(): not exactly "
                                           "fusable"))
             continue
-        if name in bypassed:
-            skipped.append(f"{name} ({bypassed[name]} uses its weight directly, bypassing its forward)")
-            left_out.append(LeftOut(name, f"{bypassed[name]} uses its weight directly, bypassing its forward"))
-            continue
         shared = sorted({owner for p in module.parameters(recurse=False) for owner in owners[id(p)]} - {name})
-        if shared:
-            # Fusing would write W′ into the one shared tensor and change the other layers too.
-            skipped.append(f"{name} (shares parameters with {', '.join(shared)})")
-            left_out.append(LeftOut(name, f"shares parameters with {', '.join(shared)}"))
+        if name in bypassed or shared:
+            # Shared: fusing would write W′ into the one shared tensor and change the other layers too.
+            reason = (f"{bypassed[name]} uses its weight directly, bypassing its forward" if name in bypassed
+                      else f"shares parameters with {', '.join(shared)}")
+            skipped.append(LeftOut(name, reason))
+            left_out.append(skipped[-1])
             continue
         selected[name] = module
     if unsafe:
@@ -207,7 +205,8 @@ def select_layers(model: nn.Module, config: DenoiseConfig) -> tuple[dict[str, nn
             stacklevel=3,
         )
     if skipped:
-        warnings.warn(f"these layers get no denoiser: {'; '.join(skipped)}", stacklevel=3)
+        warnings.warn(f"these layers get no denoiser: {'; '.join(f'{e.name} ({e.reason})' for e in skipped)}",
+                      stacklevel=3)
     left_out += _unsupported(model, config, heads)
     if not selected:
         available = ", ".join(f"{n} ({type(m).__name__})" for n, m in typed[:20]) or "none"
