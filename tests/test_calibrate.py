@@ -315,6 +315,10 @@ def test_noise_loss_report_measures_without_changing_the_model_and_agrees_with_c
     assert measured.l2_optimum == pytest.approx(report.before.l2_optimum, rel=1e-6)
     assert measured.l1 == pytest.approx(report.before.l1, rel=1e-6)  # the same seeded noise
     assert report.after.l1 < report.before.l1
+    # The first layer's inputs did not change with calibration: its in-sample "after" is the model's own.
+    again = dr.noise_loss_report(model, [x]).layers[0]
+    assert report.after.layers[0].l2 == pytest.approx(again.l2, rel=1e-6)
+    assert report.after.layers[0].l2_optimum == pytest.approx(again.l2_optimum, rel=1e-6)
 
 
 def test_calibrating_layer_by_layer_leaves_every_layer_at_the_optimum_of_its_final_inputs():

@@ -219,6 +219,17 @@ def assign(denoiser: LayerDenoiser, fitted: LinearDenoiser, fit_mean: torch.Tens
         denoiser.a.zero_()
 
 
+def _optimum_of_fit(denoiser: LayerDenoiser, fitted: LinearDenoiser, fit: InputStatistics,
+                    measured: InputStatistics, rho: float) -> float | None:
+    """`optimal_l2` of ``measured`` without another Cholesky factorisation where the fit is that
+    optimum (in-sample, ρ = 0, full rank): A* = n K⁻¹, so C · L* = C − n tr A*. None otherwise."""
+    if measured is not fit or rho != 0.0 or fitted.matrix is None:
+        return None
+    n = denoiser.sqrt_one_minus_alpha_bar
+    trace = torch.diagonal(fitted.matrix, dim1=-2, dim2=-1).sum()
+    return float((fit.channels - n * trace) / fit.channels)
+
+
 def _product_dtype(denoiser: LayerDenoiser) -> torch.dtype:
     """The dtype of a report's d³ product: the denoiser's own precision, float32 at least."""
     return torch.promote_types(denoiser.a.dtype, torch.float32)
@@ -511,6 +522,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
     fitted_on: dict[str, InputStatistics] = {}
     heldout_batches: list = []
     refit_gaps: list[float] = []
+    final_l2: dict[str, tuple[InputStatistics, float]] = {}  # each layer's last loss and the rows it is on
     peak = count = 0
     statistics_seconds = 0.0
     held_out = False
@@ -531,24 +543,31 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
                         continue
                     measured = heldout if heldout is not None else fit
                     s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
+                    current = {k: p.detach().clone() for k, p in denoiser.named_parameters()}
                     current_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n, _product_dtype(denoiser)))
-                    if pass_index == 0:
-                        before[name] = _layer_loss(name, layer, denoiser, measured, l1_before.get(name), current_l2)
-                        measured_on[name] = measured
                     fitted, rho = fit_layer(denoiser, fit, heldout, shrinkage)
-                    fitted_l2 = float(expected_l2(fitted, measured, s, n, _product_dtype(denoiser)))
+                    if pass_index == 0:
+                        before[name] = _layer_loss(name, layer, denoiser, measured, l1_before.get(name), current_l2,
+                                                   _optimum_of_fit(denoiser, fitted, fit, measured, rho))
+                        measured_on[name] = measured
+                    # The fitted loss is the model's own (its parameters' dtype), so the report can reuse it.
+                    assign(denoiser, fitted, fit.mean)
+                    fitted_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n, _product_dtype(denoiser)))
                     kept = fitted_l2 > current_l2
-                    if not kept:
-                        assign(denoiser, fitted, fit.mean)
+                    if kept:
+                        with torch.no_grad():
+                            for key, p in denoiser.named_parameters():
+                                p.copy_(current[key])
                     fits[name] = LayerFit(name, fit.count, fit.rows_per_channel, rho, kept)
                     fitted_on[name] = fit
+                    final_l2[name] = (measured, current_l2 if kept else fitted_l2)
                     refit_gap += current_l2 - min(fitted_l2, current_l2)
             if pass_index > 0:
                 refit_gaps.append(refit_gap)
             pass_index += 1
             if passes != "auto" and pass_index < passes:
                 continue
-            after, worse = _after(model, chunks, snapshot, fitted_on, before, measured_on,
+            after, worse = _after(model, chunks, snapshot, fitted_on, before, measured_on, final_l2,
                                   heldout_batches if held_out else None,
                                   progress, precision)
             if not worse:
@@ -574,12 +593,14 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
 
 
 def _after(model: nn.Module, chunks, snapshot: dict, fitted_on: dict[str, InputStatistics],
-           before: dict[str, LayerNoiseLoss], measured_on: dict[str, InputStatistics], heldout_batches: list | None,
+           before: dict[str, LayerNoiseLoss], measured_on: dict[str, InputStatistics],
+           final_l2: dict[str, tuple[InputStatistics, float]], heldout_batches: list | None,
            progress: bool, precision: torch.dtype) -> tuple[list[LayerNoiseLoss], list[tuple[str, float, float]]]:
     """Every calibrated layer's loss on the held-out batches run again through the calibrated model
     (without a hold-out: on the statistics it was fitted to), and the layers that end above the loss
     their starting denoiser has on the same rows. Where those rows are the ones `before` was measured
-    on (in-sample, one pass), its starting loss and optimum are reused, not computed again."""
+    on (in-sample, one pass), its starting loss and optimum are reused, not computed again, and so is
+    the loss the fit measured there (``final_l2``)."""
     after: dict[str, LayerNoiseLoss] = {}
     worse: list[tuple[str, float, float]] = []
     for group in chunks:
@@ -594,7 +615,9 @@ def _after(model: nn.Module, chunks, snapshot: dict, fitted_on: dict[str, InputS
                 continue
             s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
             if measured_on.get(name) is stats[name]:
-                after[name] = _layer_loss(name, layer, denoiser, stats[name], l2_optimum=before[name].l2_optimum)
+                rows, l2 = final_l2[name]
+                after[name] = _layer_loss(name, layer, denoiser, stats[name], l2=l2 if rows is stats[name] else None,
+                                          l2_optimum=before[name].l2_optimum)
                 start_l2 = before[name].l2
             else:
                 after[name] = _layer_loss(name, layer, denoiser, stats[name])
