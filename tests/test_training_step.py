@@ -217,6 +217,16 @@ def test_a_token_fraction_draws_the_same_positions_and_noise_as_the_formulas(kin
     assert_same_step(model, x, label_free=label_free, backbone=False)
 
 
+@pytest.mark.parametrize("label_free", [False, True], ids=["label-aug", "label-free"])
+@pytest.mark.parametrize("setting", ["sampled l1 (the paper)", "expected l2"])
+@pytest.mark.parametrize("kind", ["linear on tokens", "conv 1x1", "conv 3x3, zero padding, no bias", "conv groups 2"])
+def test_a_low_rank_denoiser_on_a_token_fraction_gets_the_formulas_gradients(kind, setting, label_free):
+    estimator, loss, _ = SETTINGS[setting]
+    model, x = converted(kind, denoiser="low_rank", rank=2, loss_estimator=estimator, loss=loss,
+                         loss_token_fraction=0.4)
+    assert_same_step(model, x, label_free=label_free, backbone=False)
+
+
 @pytest.mark.parametrize("form", ["full", "low_rank"])
 @pytest.mark.parametrize("kind", ["linear on tokens", "conv 1x1", "conv 3x3, zero padding, no bias", "conv groups 2"])
 def test_a_backbone_that_trains_with_the_denoisers_gets_the_formulas_gradients(kind, form):

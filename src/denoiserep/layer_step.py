@@ -278,8 +278,10 @@ class Pointwise:
             return [grad_matrix if self.conv is None else grad_matrix.view(mats.A2.shape if mats.plain else mats.A.shape)]
         grad_projected, grad_u = self._product_grad(mats, 1, mats.U, grad, saved, True)
         grad_v = self._product_grad(mats, 2, mats.V, grad_projected, t, False)[1]
-        return [self.sum_positions(grad * t).view(mats.diag.shape), grad_u.view(mats.U.shape),
-                grad_v.view(mats.V.shape)]
+        grad_diag = self.sum_positions(grad * t)
+        if self.conv is None:  # one group: kept 2-D (the step views them into the parameters' shapes once)
+            return [grad_diag, grad_u, grad_v]
+        return [grad_diag.view(mats.diag.shape), grad_u.view(mats.U.shape), grad_v.view(mats.V.shape)]
 
     def sum_and_apply_grad(self, mats: Matrices, t: torch.Tensor, saved, grad: torch.Tensor):
         """(Σ over positions of ∂(A t + c), `apply_grad`): for a full-rank A on a convolution's input both
@@ -331,19 +333,23 @@ def _matrix_vector(mats: Matrices, vector: torch.Tensor, *, bias: torch.Tensor |
         if bias is None:
             return torch.bmm(matrix, column).view(-1)
         return baddbmm(bias.view(g, -1, 1), matrix, column, alpha=scale).view(-1)
+    # diag ∘ v + U (V v), with the bias and scale inside the outer product's addmv / baddbmm.
     if g == 1:
         if transpose:
             low = torch.mv(mats.block(2, transposed=True), torch.mv(mats.block(1, transposed=True), vector))
-        else:
+        elif bias is None:
             low = torch.mv(mats.block(1), torch.mv(mats.block(2), vector))
+        else:
+            low = addmv(bias, mats.block(1), torch.mv(mats.block(2), vector), alpha=scale)
     else:
         column = vector.view(g, -1, 1)
         if transpose:
             low = torch.bmm(mats.V.mT, torch.bmm(mats.U.mT, column)).view(-1)
-        else:
+        elif bias is None:
             low = torch.bmm(mats.U, torch.bmm(mats.V, column)).view(-1)
-    out = low.addcmul_(mats.diag_flat, vector)
-    return out if bias is None else out.mul_(scale).add_(bias)
+        else:
+            low = baddbmm(bias.view(g, -1, 1), mats.U, torch.bmm(mats.V, column), alpha=scale).view(-1)
+    return low.addcmul_(mats.diag_flat, vector, value=scale if bias is not None else 1.0)
 
 
 def constant(mats: Matrices, e: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -361,10 +367,10 @@ def add_constant_grad(mats: Matrices, e: torch.Tensor, grad_c: torch.Tensor, gra
             grads[0].baddbmm_(grad_c.view(g, -1, 1), e.view(g, 1, -1))
     elif g == 1:
         dtype = grads[1].dtype  # the small products below may come out of autocast in bf16
-        grads[0].addcmul_(grad_c, e)  # (1, d) += (d,)
-        grads[1][0].addr_(grad_c, torch.mv(mats.block(2), e).to(dtype))  # ∂U += ∂c (V e)ᵀ
+        grads[0].addcmul_(grad_c, e)  # (1, d) or (d,) += (d,)
+        _one_block(grads[1]).addr_(grad_c, torch.mv(mats.block(2), e).to(dtype))  # ∂U += ∂c (V e)ᵀ
         projected = torch.mv(mats.block(1, transposed=True), grad_c)  # Uᵀ ∂c
-        grads[2][0].addr_(projected.to(dtype), e)  # ∂V += (Uᵀ ∂c) eᵀ
+        _one_block(grads[2]).addr_(projected.to(dtype), e)  # ∂V += (Uᵀ ∂c) eᵀ
         return torch.mv(mats.block(2, transposed=True), projected).addcmul_(mats.diag_flat, grad_c)  # Aᵀ ∂c
     else:
         gc, ev = grad_c.view(g, -1, 1), e.view(g, 1, -1)
@@ -373,6 +379,11 @@ def add_constant_grad(mats: Matrices, e: torch.Tensor, grad_c: torch.Tensor, gra
         grads[1].baddbmm_(gc, torch.bmm(mats.V, ev.mT).mT.to(dtype))
         grads[2].baddbmm_(torch.bmm(mats.U.mT, gc).to(dtype), ev)
     return _matrix_vector(mats, grad_c, transpose=True)
+
+
+def _one_block(grad: torch.Tensor) -> torch.Tensor:
+    """A one-group gradient as its 2-D block, whether kept 2-D or in the parameter's shape."""
+    return grad if grad.ndim == 2 else grad[0]
 
 
 def dense_grad(mats: Matrices, grad_dense: torch.Tensor) -> list[torch.Tensor]:
@@ -444,8 +455,8 @@ def add_fused_weight_grad(groups: int, weight: torch.Tensor, mats: Matrices, c1:
         else:  # ∂A = −c1 Wᵀ ∂W′ =: −c1 C: ∂diag = −c1 diag(C), ∂U = −c1 C Vᵀ, ∂V = −c1 Uᵀ C
             cross = torch.mm(views.matrix_t, grad_rows).to(grads[1].dtype)
             axpy_(grads[0], torch.diagonal(cross), -c1)
-            addmm_(grads[1][0], cross, mats.block(2, transposed=True), alpha=-c1)
-            addmm_(grads[2][0], mats.block(1, transposed=True), cross, alpha=-c1)
+            addmm_(_one_block(grads[1]), cross, mats.block(2, transposed=True), alpha=-c1)
+            addmm_(_one_block(grads[2]), mats.block(1, transposed=True), cross, alpha=-c1)
         if not need_weight:
             return None
         return addmm(grad_rows, grad_rows, mats.dense()[0].t(), beta=c3, alpha=-c1).view(weight.shape)
@@ -462,7 +473,8 @@ def add_fused_weight_grad(groups: int, weight: torch.Tensor, mats: Matrices, c1:
         baddbmm_(grads[0], rows.mT, grad_rows, alpha=-c1)
     else:
         for index, value in enumerate(dense_grad(mats, torch.bmm(rows.mT, grad_rows).mul_(-c1))):
-            grads[index].add_(value.to(grads[index].dtype))
+            into = grads[index]  # kept 2-D where the loss's rows gave one group's 2-D blocks
+            into.add_((value if value.shape == into.shape else value.view(into.shape)).to(into.dtype))
     if not need_weight:
         return None
     return _weight_from_rows(baddbmm(grad_rows, grad_rows, mats.dense().mT, beta=c3, alpha=-c1), weight.shape,
@@ -686,7 +698,7 @@ def _in_dtypes(grads: list, params) -> list[torch.Tensor]:
 
 
 def _as_parameters(grads: list, params) -> list[torch.Tensor]:
-    """The gradients in the parameters' shapes (a `plain` A's was accumulated as a (d, d) matrix)."""
+    """The gradients in the parameters' shapes (a `plain` A's and one-group factors' were accumulated 2-D)."""
     return [g if g is None or g.shape == p.shape else g.view(p.shape) for g, p in zip(grads, params)]
 
 
