@@ -162,9 +162,14 @@ class Matrices:
         return self.A if self.form == "full" else torch.diag_embed(self.diag) + self.U @ self.V
 
     def mixing_kernel(self, c1: float, c3: float, spatial_dims: int) -> torch.Tensor:
-        """(c3 I − c1 A)ᵀ as a 1 × 1 convolution kernel (full rank, one group): over a conv's W as its
-        input (batch: outputs, spatial: kernel), conv(W, K)[o, j, k] = Σ_i (c3 I − c1 A)[i, j] W[o, i, k]."""
+        """(c3 I − c1 A)ᵀ as a 1 × 1 convolution kernel (one group): over a conv's W as its input
+        (batch: outputs, spatial: kernel), conv(W, K)[o, j, k] = Σ_i (c3 I − c1 A)[i, j] W[o, i, k].
+        Low rank: diag(c3 − c1 a) − c1 Vᵀ Uᵀ, d² r (a k × k conv's W has out · k² ≥ d rows)."""
         unit = [1] * spatial_dims
+        if self.form != "full":
+            diagonal = torch.diag(scaled_complement(self.diag_flat, c3, c1))
+            mixing = addmm(diagonal, self.block(2, transposed=True), self.block(1, transposed=True), alpha=-c1)
+            return mixing.view(*mixing.shape, *unit)
         eye, a_t = self._keep(("mixing", c3, spatial_dims), lambda: (self.eye.mul(c3).view(*self.eye.shape, *unit),
                                                                      self.A2t.reshape(*self.A2t.shape, *unit)))
         return axpy(eye, a_t, -c1)
@@ -429,7 +434,7 @@ def fused_weight_and_kernel(groups: int, weight: torch.Tensor, form: str, params
             fused = addmm(rows * scaled_complement(mats.diag_flat, c3, c1), torch.mm(rows, mats.block(1)),
                           mats.block(2), alpha=-c1)
         return (fused if weight.ndim == 2 else fused.view(weight.shape)), None
-    if groups == 1 and form == "full":
+    if groups == 1:
         # W's input channels contract with c3 I − c1 A as a 1 × 1 convolution over W itself.
         kernel = mats.mixing_kernel(c1, c3, weight.ndim - 2)
         return _CONVOLUTIONS[weight.ndim - 2](weight, kernel), kernel
@@ -460,13 +465,20 @@ def add_fused_weight_grad(groups: int, weight: torch.Tensor, mats: Matrices, c1:
         if not need_weight:
             return None
         return addmm(grad_rows, grad_rows, mats.dense()[0].t(), beta=c3, alpha=-c1).view(weight.shape)
-    if groups == 1 and mats.form == "full":
+    if groups == 1:
         n = weight.ndim - 2
         if kernel is None:
             kernel = mats.mixing_kernel(c1, c3, n)
         grad_weight, grad_kernel, _ = torch.ops.aten.convolution_backward(
             grad, weight, kernel, None, [1] * n, [0] * n, [1] * n, False, [0] * n, 1, [need_weight, True, False])
-        axpy_(grads[0], grad_kernel.view(mats.A2.shape).t(), -c1)  # K = c3 I − c1 Aᵀ
+        grad_kernel_t = grad_kernel.view(kernel.shape[:2]).t()  # K = c3 I − c1 Aᵀ: ∂A = −c1 ∂Kᵀ
+        if mats.form == "full":
+            axpy_(grads[0], grad_kernel_t, -c1)
+        else:
+            grad_kernel_t = grad_kernel_t.to(grads[1].dtype)
+            axpy_(grads[0], torch.diagonal(grad_kernel_t), -c1)
+            addmm_(_one_block(grads[1]), grad_kernel_t, mats.block(2, transposed=True), alpha=-c1)
+            addmm_(_one_block(grads[2]), mats.block(1, transposed=True), grad_kernel_t, alpha=-c1)
         return grad_weight
     rows, grad_rows = _weight_rows(weight, groups), _weight_rows(grad, groups)
     if mats.form == "full":

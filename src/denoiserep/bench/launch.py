@@ -105,7 +105,7 @@ def layer_budget() -> list[tuple[str, str, int, int]]:
     rows = []
     for layer_name, (build, shape) in LAYERS.items():
         counts = {}
-        for label, config, lam in SETTINGS[:4]:
+        for label, config, lam in SETTINGS[:5]:
             torch.manual_seed(0)
             model = nn.Sequential(build())
             x = torch.randn(*shape, requires_grad=True)
