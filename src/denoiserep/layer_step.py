@@ -89,6 +89,13 @@ def addmv_(x, m, v, *, alpha: float = 1.0) -> torch.Tensor:
     return x.add_((m @ v) * alpha) if _compiling() else x.addmv_(m, v, alpha=alpha)
 
 
+def addr(x, u, v, *, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """beta · x + alpha · u vᵀ."""
+    if _compiling():
+        return x * beta + torch.outer(u, v) * alpha
+    return torch.addr(x, u, v, beta=beta, alpha=alpha)
+
+
 def addr_(x, u, v, *, alpha: float = 1.0) -> torch.Tensor:
     return x.add_(torch.outer(u, v) * alpha) if _compiling() else x.addr_(u, v, alpha=alpha)
 
@@ -173,6 +180,13 @@ class Matrices:
         eye, a_t = self._keep(("mixing", c3, spatial_dims), lambda: (self.eye.mul(c3).view(*self.eye.shape, *unit),
                                                                      self.A2t.reshape(*self.A2t.shape, *unit)))
         return axpy(eye, a_t, -c1)
+
+    def denoise_kernel(self, c1: float, c3: float, unit: list[int]) -> torch.Tensor:
+        """c3 I − c1 A as a 1 × 1 convolution kernel (`plain`): conv(x, K) is the denoised input
+        c3 x − c1 A x, and its input gradient c3 g − c1 Aᵀ g."""
+        eye, a = self._keep(("denoise", c3, len(unit)), lambda: (self.eye.mul(c3).view(*self.eye.shape, *unit),
+                                                                 self.A2.view(*self.A2.shape, *unit)))
+        return axpy(eye, a, -c1)
 
     @_lazy
     def zero(self) -> torch.Tensor:
@@ -288,6 +302,16 @@ class Pointwise:
             return [grad_diag, grad_u, grad_v]
         return [grad_diag.view(mats.diag.shape), grad_u.view(mats.U.shape), grad_v.view(mats.V.shape)]
 
+    def mean_and_denoised(self, mats: Matrices, t: torch.Tensor, c: torch.Tensor, s: float, c1: float, c3: float):
+        """(s A t + c, c3 t − c1 A t, the convolution kernel of the latter or None) for a `plain` A:
+        each one product with its scale and bias inside (two addmm, or two 1 × 1 convolutions)."""
+        c = c.to(t.dtype)
+        if self.conv is None:
+            return addmm(c, t, mats.A2t, alpha=s), addmm(t, t, mats.A2t, beta=c3, alpha=-c1), None
+        scaled = torch.mul(mats.kernel(0, mats.A, self.unit), s)
+        kernel = mats.denoise_kernel(c1, c3, self.unit)
+        return self.conv(t, scaled, c), self.conv(t, kernel), kernel
+
     def sum_and_apply_grad(self, mats: Matrices, t: torch.Tensor, saved, grad: torch.Tensor):
         """(Σ over positions of ∂(A t + c), `apply_grad`): for a full-rank A on a convolution's input both
         from one convolution_backward (its bias gradient is the sum), where it runs in ∂'s own dtype."""
@@ -312,10 +336,10 @@ class Pointwise:
         return axpy_(into.mul_(-c1), grad, c3)
 
     def gram(self, mats: Matrices, t: torch.Tensor) -> torch.Tensor:
-        """Σ over positions of t tᵀ per group: (groups, d, d)."""
+        """Σ over positions of t tᵀ per group: (d, d) for a `plain` A, else (groups, d, d)."""
         if self.conv is None:
-            return torch.mm(t.t(), t).unsqueeze(0)
-        return self._product_grad(mats, 0, mats.A, t, t, False)[1].view(self.groups, self.d, self.d)
+            return torch.mm(t.t(), t)
+        return self._product_grad(mats, 0, mats.A, t, t, False)[1].view(mats.A2.shape if mats.plain else mats.A.shape)
 
     def to_rows(self, t: torch.Tensor) -> torch.Tensor:
         """(M, C): positions as rows, channels last."""
@@ -576,13 +600,16 @@ def _sampled_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tenso
     return pointwise.sum_and_apply_grad(mats, noisy, saved, grad_residuals)
 
 
-def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, loss_type: str, product=None):
+def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, loss_type: str, product=None,
+                  mean=None):
     """Exact expectation over ε from each position's mean m = s A x + c and the channels' variance
-    v_j = ‖row j of (I − r A)‖² (``product``: A x, when the input path has it already)."""
+    v_j = ‖row j of (I − r A)‖² (``product``: A x, or ``mean`` itself, when the input path has it already)."""
     saved = None
-    if product is None:
-        product, saved = pointwise.apply(mats, rows)
-    mean = _as_float(axpy(pointwise.broadcast(c.to(product.dtype)), product, s))
+    if mean is None:
+        if product is None:
+            product, saved = pointwise.apply(mats, rows)
+        mean = axpy(pointwise.broadcast(c.to(product.dtype)), product, s)
+    mean = _as_float(mean)
     res = mats.residual(r)
     count = mean.numel()
     positions = count // pointwise.channels
@@ -636,44 +663,48 @@ def _per_position_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.
 
 def _gram(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float):
     """Expected L2 of a full-rank denoiser through the positions' centred Gram matrix S (float32 at
-    least): M (‖I − rA‖² + ‖s A x̄ + c‖²) + s² ⟨A, A S⟩, M d² + d³ instead of 2 M d²."""
+    least), M d² + d³ instead of 2 M d²: with P = s² A S + M r² A − 2 r M I (one addmm),
+    M (‖I − rA‖² + ‖s A x̄ + c‖²) + s² ⟨A, A S⟩ = ⟨A, P⟩ + M ‖s A x̄ + c‖² + M · channels."""
     with torch.autocast(rows.device.type, enabled=False):
         rows = _as_float(rows)
         exact = mats if mats.A.dtype == rows.dtype else Matrices("full", [mats.A.to(rows.dtype)])
         count = pointwise.positions(rows)
         mean_row = rows.mean(0) if pointwise.conv is None else rows.mean(dim=[0, *range(2, rows.ndim)])
         gram = pointwise.gram(exact, rows - pointwise.broadcast(mean_row))
-        product = torch.mm(exact.A2, gram.view(exact.A2.shape)) if exact.plain else torch.bmm(exact.A, gram)
-        spread = torch.vdot(exact.flat, product.view(-1))
+        # M r² A − 2 r M I (the I term kept per input shape)
+        base = axpy(exact._keep(("gram identity", count, r), lambda: exact.eye.mul(-2 * r * count)),
+                    exact.A2 if exact.plain else exact.A, r * r * count)
+        if exact.plain:
+            product = addmm(base, exact.A2, gram, alpha=s * s)
+        else:
+            product = baddbmm(base, exact.A, gram, alpha=s * s)
         offset = _matrix_vector(exact, mean_row, bias=c.to(rows.dtype), scale=s)  # s A x̄ + c
-        res = exact.residual(r)
-        norms = torch.linalg.vector_norm(res), torch.linalg.vector_norm(offset)
-        value = axpy(spread, torch.addcmul(norms[1].square(), norms[0], norms[0]), count / (s * s))
-    return value.mul_(s * s), ("gram", product, offset, res, mean_row, count)
+        value = axpy(torch.vdot(exact.flat, product.view(-1)), torch.vdot(offset, offset), count)
+    return value.add_(count * pointwise.channels), ("gram", product, offset, mean_row, count)
 
 
 def _gram_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tensor, s: float, r: float):
-    _, product, offset, res, mean_row, count = state
-    # ∂/∂A: 2 s² A S − 2 r M (I − rA) + 2 M s (s A x̄ + c) x̄ᵀ; ∂c: 2 M (s A x̄ + c).
-    grad_matrix = axpy(product, res, -r * count / (s * s)).mul_(grad * (2 * s * s))
-    grad_offset = offset.mul(grad * (2 * count))
+    """∂A = 2 g (P + r M I) + 2 g M s (s A x̄ + c) x̄ᵀ, ∂c = 2 g M (s A x̄ + c)."""
+    _, product, offset, mean_row, count = state
+    zero = mats.zero if mats.zero.dtype == offset.dtype else offset.new_zeros(())
+    grad_offset = torch.addcmul(zero, offset, grad, value=2 * count)
+    scaled = torch.mul(axpy(product, mats.eye, r * count), grad)
     g = pointwise.groups
     if g == 1:
-        addr_(grad_matrix, grad_offset, mean_row, alpha=s)
-    else:
-        baddbmm_(grad_matrix, grad_offset.view(g, -1, 1), mean_row.view(g, 1, -1), alpha=s)
-    return grad_offset, [grad_matrix]
+        return grad_offset, [addr(scaled, grad_offset, mean_row, beta=2.0, alpha=s)]
+    return grad_offset, [baddbmm(scaled, grad_offset.view(g, -1, 1), mean_row.view(g, 1, -1), beta=2.0, alpha=s)]
 
 
-def loss_forward(den, mats: Matrices, c, rows, pointwise: Pointwise, product=None):
+def loss_forward(den, mats: Matrices, c, rows, pointwise: Pointwise, product=None, mean=None):
     """The denoiser's noise loss on ``rows`` (its layout: ``pointwise``), summed over its elements
     (positions × channels; the caller divides: `LayerDenoiser.loss_elements`); value (0-dim), state."""
     s, r = den.sqrt_alpha_bar, den.sqrt_one_minus_alpha_bar
     if den.estimator == "sampled":
         return _sampled(pointwise, mats, c, rows, s, r, den.loss_type)
-    if product is None and mats.form == "full" and den.loss_type == "l2" and pointwise.d < pointwise.positions(rows):
+    if product is None and mean is None and mats.form == "full" and den.loss_type == "l2" \
+            and pointwise.d < pointwise.positions(rows):
         return _gram(pointwise, mats, c, rows, s, r)
-    return _per_position(pointwise, mats, c, rows, s, r, den.loss_type, product)
+    return _per_position(pointwise, mats, c, rows, s, r, den.loss_type, product, mean)
 
 
 def loss_backward(den, mats: Matrices, state, pointwise: Pointwise, grad: torch.Tensor, product_grad: bool = False):
@@ -762,13 +793,20 @@ class LayerStep(torch.autograd.Function):
             out, ctx.kernel = fused_weight_and_kernel(groups, weight, den.form, params, c1, c3, mats, views)
             rows, loss_layout = den.loss_positions(x)
             value, state = loss_forward(den, mats, c, rows.to(params[0].dtype), loss_layout)
+        elif mats.plain and den.loss_fraction_is_one:  # the loss's mean and the denoised input, one product each
+            inputs = den.layer_positions(x).to(params[0].dtype)
+            mean, denoised, ctx.denoise_kernel = pointwise.mean_and_denoised(mats, inputs, c, den.sqrt_alpha_bar,
+                                                                             c1, c3)
+            out = den.from_layer_positions(denoised, x).to(x.dtype)
+            loss_layout, ctx.index = pointwise, None
+            value, state = loss_forward(den, mats, c, None, loss_layout, mean=mean)
         else:  # full rank, expected estimator: the loss reuses the task path's A x
             inputs = den.layer_positions(x).to(params[0].dtype)
             product, _ = pointwise.apply(mats, inputs)
             out = den.from_layer_positions(axpy_(product.mul(-c1), inputs, c3), x).to(x.dtype)
             shared, loss_layout, index = den.loss_positions_of_product(product)
             value, state = loss_forward(den, mats, c, None, loss_layout, product=shared)
-            ctx.index = index
+            ctx.index, ctx.denoise_kernel = index, None
         ctx.state, ctx.loss_layout = state, loss_layout
         ctx.save_for_backward(x, weight, bias, e, c, *params)
         ctx.set_materialize_grads(False)  # an output without a gradient arrives as None, not as zeros
@@ -789,6 +827,15 @@ class LayerStep(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad[3:6]
         grad_x = grad_weight = grad_bias = None
         grads = grad_c = grad_product = None
+        if grad_bias_prime is not None and need_weight:
+            vector = c if ctx.noise is None else axpy(ctx.noise, c, -c1)
+            grad_weight = _bias_weight_grad(weight, grad_bias_prime, vector, groups, -c1 if ctx.noise is None else 1.0)
+        if path == "input" and ctx.index is None and mats.plain and den.loss_type != "l1+l2" \
+                and None not in (grad_out, grad_bias_prime, grad_loss):
+            grad_x, grad_e, grad_c, grads = _input_path_grads(ctx, x, e, params, grad_out, grad_bias_prime, grad_loss,
+                                                              need_x)
+            return (None, None, None, grad_x, grad_weight, grad_bias_prime if need_bias else None, None, grad_e, grad_c,
+                    *_as_parameters(grads, params))
         if grad_loss is not None:
             grad_c, grads, loss_product = loss_backward(den, mats, ctx.state, ctx.loss_layout, grad_loss,
                                                         product_grad=path == "input")
@@ -803,10 +850,6 @@ class LayerStep(torch.autograd.Function):
             grad_c = add_shifted_bias_grad(ctx.views, grad_bias_prime, groups, -c1, grad_c)
             if need_bias:
                 grad_bias = grad_bias_prime
-            if need_weight:
-                vector = c if ctx.noise is None else axpy(ctx.noise, c, -c1)
-                grad_weight = _bias_weight_grad(weight, grad_bias_prime, vector, groups,
-                                                -c1 if ctx.noise is None else 1.0)
         if path == "weight":
             if grad_out is not None:
                 grad_w = add_fused_weight_grad(groups, weight, mats, c1, c3, grad_out, grads, need_weight, ctx.views,
@@ -899,6 +942,48 @@ class LinearStep(torch.autograd.Function):
         grad_matrix.addr_(grad_c, e)  # c = A e + a
         grad_e = torch.mv(mats.A2t, grad_c)
         return None, None, None, None, None, grad_e, grad_c, grad_matrix.view(1, *grad_matrix.shape)
+
+
+def _input_path_grads(ctx, x, e, params, grad_out, grad_bias_prime, grad_loss, need_x: bool):
+    """`LayerStep`'s input path for a `plain` A on every position, expected L1 or L2, with every output
+    used: (∂x or None, ∂e, ∂c = ∂a, [∂A]). The loss's ∂/∂m (m = s A x + c: 2 g m for L2, g erf(w) for
+    L1) and the task's ∂x̂ (x̂ = c3 x − c1 A x) meet in one ``addcmul`` as −1/c1 times ∂/∂(A x), so that
+    the loss's gradient g rides in tensor products and the scales in their ``value`` / ``beta``:
+    ∂A = −c1 (Σ total xᵀ + k_res g R) + ∂c eᵀ, ∂c = k g Σ signal − c1 W_sumᵀ ∂b′."""
+    den, mats, state, pointwise, views = ctx.den, ctx.mats, ctx.state, ctx.loss_layout, ctx.views
+    s, r, c1, c3 = den.sqrt_alpha_bar, den.sqrt_one_minus_alpha_bar, den.c1, den.c3
+    dtype = params[0].dtype
+    inputs = den.layer_positions(x).to(dtype)
+    grad_denoised = den.layer_positions(grad_out).to(dtype)
+    if den.loss_type == "l2":
+        signal, k = state["mean"], 2.0
+        residual, residual_scale = state["res"], 2 * r * (state["count"] // pointwise.channels) / c1
+    else:  # l1: ∂/∂res = res_scale · res
+        signal, k = state["erf"], 1.0
+        residual, residual_scale = state["res"].mul(state["res_scale"]), -1.0 / c1
+    total = torch.addcmul(grad_denoised, signal, grad_loss, value=-k * s / c1)  # −(1/c1) ∂/∂(A x)
+    if pointwise.conv is None:
+        product_grad = torch.mm(total.t(), inputs)
+    else:
+        product_grad = pointwise._product_grad(mats, 0, mats.A, total, inputs, False)[1].view(mats.A2.shape)
+    weighted = torch.mul(pointwise.sum_positions(signal), grad_loss).to(views.sum.dtype)  # g Σ signal
+    grad_c = addmv(weighted, views.sum_t, grad_bias_prime.to(views.sum.dtype), beta=k, alpha=-c1).to(e.dtype)
+    grad_matrix = torch.addcmul(product_grad.to(residual.dtype), residual, grad_loss, value=residual_scale)
+    grad_matrix = addr(grad_matrix.to(e.dtype), grad_c, e, beta=-c1)
+    grad_e = torch.mv(mats.A2t, grad_c)
+    grad_x = None
+    if need_x:
+        if pointwise.conv is None:
+            grad_x = addmm(grad_denoised, grad_denoised, mats.A2, beta=c3, alpha=-c1)
+        else:  # the input gradient of conv(x, c3 I − c1 A)
+            n = pointwise.spatial_dims
+            kernel = ctx.denoise_kernel
+            compute = pointwise._backward_dtype(grad_denoised, inputs)
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_denoised.to(compute), inputs.to(compute), kernel.to(compute), None, [1] * n, [0] * n, [1] * n,
+                False, [0] * n, 1, [True, False, False])[0]
+        grad_x = den.from_layer_positions(grad_x, x).to(x.dtype)
+    return grad_x, grad_e, grad_c, _in_dtypes([grad_matrix], params)
 
 
 def _bias_weight_grad(weight: torch.Tensor, grad_bias: torch.Tensor, vector: torch.Tensor, groups: int,

@@ -223,7 +223,7 @@ class LayerDenoiser(nn.Module):
         return x if x.ndim == self.spatial_dims + 2 else x.unsqueeze(0)
 
     def from_layer_positions(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return t.reshape(x.shape)
+        return t if t.shape == x.shape else t.reshape(x.shape)  # a batched conv's is already x's shape
 
     @property
     def loss_token_fraction(self) -> float:
@@ -237,6 +237,11 @@ class LayerDenoiser(nn.Module):
         ratio = Fraction(value).limit_denominator(1 << 20)
         self._loss_fraction = (ratio.numerator, ratio.denominator)
 
+    @property
+    def loss_fraction_is_one(self) -> bool:
+        """The noise loss sees every position (no subset drawn)."""
+        return self._loss_fraction[0] == self._loss_fraction[1]
+
     def loss_subset_size(self, positions: int) -> int:
         """How many of ``positions`` the noise loss draws: a ``loss_token_fraction`` of them, at least one."""
         numerator, denominator = self._loss_fraction
@@ -248,21 +253,21 @@ class LayerDenoiser(nn.Module):
 
     def loss_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The rows (M, channels) the noise loss uses: all, or a random ``loss_token_fraction`` of them."""
-        if self._loss_fraction[0] == self._loss_fraction[1]:
+        if self.loss_fraction_is_one:
             return rows
         return rows[self._subset(rows.shape[0], rows.device)]
 
     def loss_positions(self, x: torch.Tensor) -> tuple[torch.Tensor, Pointwise]:
         """The positions the noise loss uses (all, or a random ``loss_token_fraction``), with their layout."""
         t = self.layer_positions(x)
-        if self._loss_fraction[0] == self._loss_fraction[1]:
+        if self.loss_fraction_is_one:
             return t, self.pointwise
         chosen = self.loss_rows(self.pointwise.to_rows(t))
         return (chosen, self.rows_pointwise) if self.groups == 1 else (chosen.t().unsqueeze(0), self.rows_pointwise)
 
     def loss_positions_of_product(self, product: torch.Tensor):
         """The input path's A x at the noise loss's positions: (values, layout, the chosen rows or None)."""
-        if self._loss_fraction[0] == self._loss_fraction[1]:
+        if self.loss_fraction_is_one:
             return product, self.pointwise, None
         rows = self.pointwise.to_rows(product)
         index = self._subset(rows.shape[0], rows.device)
