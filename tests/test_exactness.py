@@ -27,7 +27,7 @@ CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.con
 def denoise_channels(x: torch.Tensor, denoiser, channel_axis: int) -> torch.Tensor:
     """X̂ = c3 X − c1 (A (X + e) + a) + σz at every position, with A built as dense blocks."""
     rows = x.movedim(channel_axis, -1)
-    blocks = denoiser.matrix().double()
+    blocks = copy.deepcopy(denoiser).double().matrix()  # diag + U V formed in float64, as the rest
     dense = torch.block_diag(*blocks)
     predicted = (rows + denoiser.e.double()) @ dense.T + denoiser.a.double()
     out = denoiser.c3 * rows - denoiser.c1 * predicted + denoiser.noise.double()

@@ -240,8 +240,18 @@ def test_sampled_posterior_noise_rides_in_the_bias_as_in_the_formulas(kind):
     assert_same_step(model, x, label_free=False, backbone=False)
 
 
-def test_the_step_trains_w_prime_which_the_parametrization_and_fuse_then_use_bit_for_bit():
-    model, x = converted("conv 3x3, zero padding, no bias")
+def test_a_low_rank_a_no_larger_than_w_steps_as_one_dense_block_and_a_wider_one_through_its_factors():
+    # Both routes are held to the formulas by the tests above; these layers are the ones that take each.
+    def dense(kind):
+        return next(dr.layer_denoisers(converted(kind, denoiser="low_rank", rank=2)[0]))[2].dense_low_rank
+
+    assert dense("linear on rows") and dense("conv 3x3, zero padding, no bias")  # d ≤ out · k
+    assert not dense("linear on tokens") and not dense("conv 1x1") and not dense("conv groups 2")  # d > out · k, groups
+
+
+@pytest.mark.parametrize("form", ["full", "low_rank"])
+def test_the_step_trains_w_prime_which_the_parametrization_and_fuse_then_use_bit_for_bit(form):
+    model, x = converted("conv 3x3, zero padding, no bias", denoiser=form, rank=2)
     layer = model[0]
     dr.set_trainable(model)
     model.train()

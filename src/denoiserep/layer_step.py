@@ -745,6 +745,30 @@ def _as_parameters(grads: list, params) -> list[torch.Tensor]:
     return [g if g is None or g.shape == p.shape else g.view(p.shape) for g, p in zip(grads, params)]
 
 
+class LowRankDense(torch.autograd.Function):
+    """A = diag(a) + U V of a one-group low-rank denoiser as one (1, d, d) block, for the layers whose
+    step runs it as a full-rank A (`LayerDenoiser.dense_low_rank`): two products forward, two back,
+    against the factors' own path through every product of the step. ``mats``: the factors' kept views."""
+
+    @staticmethod
+    def forward(ctx, mats: Matrices, diag, U, V):
+        ctx.mats = mats
+        with torch.autocast(diag.device.type, enabled=False):  # A in the parameters' dtype, as a full one
+            dense = torch.addmm(torch.diag(mats.diag_flat), mats.block(1), mats.block(2))
+        return dense.view(1, *dense.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mats = ctx.mats
+        grad = grad.view(grad.shape[1:])
+        need_diag, need_u, need_v = ctx.needs_input_grad[1:]
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_diag = torch.diagonal(grad).view(mats.diag.shape) if need_diag else None
+            grad_u = torch.mm(grad, mats.block(2, transposed=True)).view(mats.U.shape) if need_u else None
+            grad_v = torch.mm(mats.block(1, transposed=True), grad).view(mats.V.shape) if need_v else None
+        return None, grad_diag, grad_u, grad_v
+
+
 class LossStep(torch.autograd.Function):
     """The noise loss alone, on a layer input x (detached): `LayerDenoiser.noise_loss`, label-free steps."""
 
@@ -790,7 +814,7 @@ class LayerStep(torch.autograd.Function):
         ctx.den, ctx.path, ctx.noise, ctx.mats, ctx.views = den, path, noise, mats, views
         ctx.autocast = _autocast_state(x.device.type)
         if path == "weight":
-            out, ctx.kernel = fused_weight_and_kernel(groups, weight, den.form, params, c1, c3, mats, views)
+            out, ctx.kernel = fused_weight_and_kernel(groups, weight, mats.form, params, c1, c3, mats, views)
             rows, loss_layout = den.loss_positions(x)
             value, state = loss_forward(den, mats, c, rows.to(params[0].dtype), loss_layout)
         elif mats.plain and den.loss_fraction_is_one:  # the loss's mean and the denoised input, one product each
@@ -831,7 +855,7 @@ class LayerStep(torch.autograd.Function):
             vector = c if ctx.noise is None else axpy(ctx.noise, c, -c1)
             grad_weight = _bias_weight_grad(weight, grad_bias_prime, vector, groups, -c1 if ctx.noise is None else 1.0)
         if path == "input" and ctx.index is None and mats.plain and den.loss_type != "l1+l2" \
-                and None not in (grad_out, grad_bias_prime, grad_loss):
+                and grad_out is not None and grad_bias_prime is not None and grad_loss is not None:
             grad_x, grad_e, grad_c, grads = _input_path_grads(ctx, x, e, params, grad_out, grad_bias_prime, grad_loss,
                                                               need_x)
             return (None, None, None, grad_x, grad_weight, grad_bias_prime if need_bias else None, None, grad_e, grad_c,

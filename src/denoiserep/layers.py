@@ -42,6 +42,7 @@ from .layer_step import (
     LayerStep,
     LinearStep,
     LossStep,
+    LowRankDense,
     Matrices,
     Pointwise,
     WeightViews,
@@ -57,10 +58,10 @@ class StepCache:
     """The views a training step uses (`LayerDenoiser.step_operands`), with the keys that say they are
     still valid. Copies and pickles of a denoiser start empty: views belong to the tensors they view."""
 
-    __slots__ = ("matrices_key", "matrices", "weight_key", "views")
+    __slots__ = ("matrices_key", "matrices", "weight_key", "views", "factors_key", "factors")
 
     def __init__(self):
-        self.matrices_key = self.matrices = self.weight_key = self.views = None
+        self.matrices_key = self.matrices = self.weight_key = self.views = self.factors_key = self.factors = None
 
     def __deepcopy__(self, memo) -> "StepCache":
         return StepCache()
@@ -103,6 +104,11 @@ class LayerDenoiser(nn.Module):
         self.sqrt_alpha_bar = step.sqrt_alpha_bar
         self.sqrt_one_minus_alpha_bar = step.sqrt_one_minus_alpha_bar
         self.form = form
+        # A one-group low-rank A no larger than the layer's W (d ≤ out · k) steps as the full-rank A it
+        # equals (`step_matrices`): d² r to form it, d² to keep it, no more than W′ itself costs, and the
+        # step's operators of a full-rank layer instead of the factors' through every product.
+        weight_rows = layer.weight.shape[0] * math.prod(layer.weight.shape[2:])
+        self.dense_low_rank = form == "low_rank" and self.groups == 1 and self.group_channels <= weight_rows
         self.loss_type = loss
         self.loss_token_fraction = loss_token_fraction
         self.estimator = estimator
@@ -164,6 +170,29 @@ class LayerDenoiser(nn.Module):
     def matrix_parameters(self) -> tuple[torch.Tensor, ...]:
         return (self.A,) if self.form == "full" else (self.A_diag, self.U, self.V)
 
+    def step_matrices(self) -> tuple[torch.Tensor, ...]:
+        """What the training step and W′ are computed from: `matrix_parameters`, or for
+        `dense_low_rank` the one dense block diag(a) + U V (differentiable in the factors)."""
+        if not self.dense_low_rank:
+            return self.matrix_parameters()
+        return (LowRankDense.apply(self.factor_views(), self.A_diag, self.U, self.V),)
+
+    @property
+    def steps_full_rank(self) -> bool:
+        """Whether the training step runs on one full-rank A (full, or `dense_low_rank`)."""
+        return self.form == "full" or self.dense_low_rank
+
+    def factor_views(self) -> Matrices:
+        """The low-rank factors' views, kept while the parameters keep their storage."""
+        params = self.matrix_parameters()
+        if torch.compiler.is_compiling():
+            return Matrices(self.form, params)
+        cache = self._step_cache
+        key = (*(p.data_ptr() for p in params), params[0].dtype)
+        if cache.factors_key != key:
+            cache.factors_key, cache.factors = key, Matrices(self.form, params)
+        return cache.factors
+
     def matrix(self) -> torch.Tensor:
         """A as (groups, d, d) blocks; ``(A x)_j = Σ_i A[g, j, i] x_i`` within group g."""
         if self.form == "full":
@@ -191,7 +220,8 @@ class LayerDenoiser(nn.Module):
         (`denoiserep.layer_step.fused_weight`), which `fuse` writes into the layer."""
         if not self.enabled:
             return weight
-        return fused_weight(self.groups, weight, self.form, self.matrix_parameters(), self.c1, self.c3)
+        params = self.step_matrices()
+        return fused_weight(self.groups, weight, "full" if len(params) == 1 else "low_rank", params, self.c1, self.c3)
 
     def bias_shift(self, weight: torch.Tensor) -> torch.Tensor:
         """``W u`` with ``u = −c1 (A e + a) + σ z``, summed over the kernel (shape: out_features)."""
@@ -300,7 +330,7 @@ class LayerDenoiser(nn.Module):
     def linear_step(self) -> bool:
         """Whether an eager training forward with a frozen W and b can be the written-out `LinearStep`: a
         Linear, full-rank A, the sampled loss, no σ z."""
-        return self.spatial_dims == 0 and self.form == "full" and self.estimator == "sampled" and not self.sample_noise
+        return self.spatial_dims == 0 and self.steps_full_rank and self.estimator == "sampled" and not self.sample_noise
 
     def loss_elements(self, x: torch.Tensor) -> int:
         """Elements the noise loss averages over for input x: its positions (or the fraction of them
@@ -313,7 +343,7 @@ class LayerDenoiser(nn.Module):
         so its own weight gradient (out · k · d per output position), which W′ needs, is not formed.
         The input path needs the full-rank A and the expected estimator, whose loss it computes from
         the task path's own A x. Decided once per input size and gradient setting."""
-        if self.path == "weight" or self.form != "full" or self.estimator != "expected":
+        if self.path == "weight" or not self.steps_full_rank or self.estimator != "expected":
             return False
         if self.path == "input":
             return True
@@ -364,23 +394,25 @@ class LayerDenoiser(nn.Module):
     def step_operands(self, params, weight: torch.Tensor | None = None) -> tuple[Matrices, WeightViews | None]:
         """The views of the denoiser's matrices and of the layer's W that a training step uses, kept
         across steps: they stay valid while the tensors keep their storage (and a W its values, for
-        its kernel sum), which is what the keys check. Inside torch.compile they are formed anew."""
-        if torch.compiler.is_compiling():
-            return Matrices(self.form, params), None if weight is None else WeightViews(weight, self.groups)
+        its kernel sum), which is what the keys check. Inside torch.compile they are formed anew, and
+        so are a `dense_low_rank` A's (a new tensor every step)."""
+        compiling = torch.compiler.is_compiling()
         cache = self._step_cache
-        first = params[0]
-        key = (first.data_ptr(), first.dtype) if len(params) == 1 else \
-            (*(p.data_ptr() for p in params), first.dtype)
-        if cache.matrices_key != key:
-            cache.matrices_key, cache.matrices = key, Matrices(self.form, params)
+        if compiling or not isinstance(params[0], nn.Parameter):
+            matrices = Matrices("full" if len(params) == 1 else "low_rank", params)
+        else:
+            key = (*(p.data_ptr() for p in params), params[0].dtype)
+            if cache.matrices_key != key:
+                cache.matrices_key, cache.matrices = key, Matrices(self.form, params)
+            matrices = cache.matrices
         if weight is None:
-            return cache.matrices, None
-        if weight.requires_grad:
-            return cache.matrices, WeightViews(weight, self.groups)
+            return matrices, None
+        if compiling or weight.requires_grad:
+            return matrices, WeightViews(weight, self.groups)
         weight_key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
         if cache.weight_key != weight_key:
             cache.weight_key, cache.views = weight_key, WeightViews(weight, self.groups)
-        return cache.matrices, cache.views
+        return matrices, cache.views
 
     def trains(self) -> bool:
         """Train mode, gradients on and a trainable parameter: a forward then yields a noise loss."""
@@ -427,15 +459,15 @@ class DenoisedForward:
             return run_layer(layer, x, layer.weight, denoiser.shifted_bias(weight, bias))
         # Under `noise_loss_only` only the noise loss carries gradients: W′ and b′ go in as constants.
         task = not denoiser.noise_loss_only
+        params = denoiser.step_matrices()
         if (denoiser.linear_step and not weight.requires_grad and (bias is None or not bias.requires_grad)
                 and not torch.compiler.is_compiling()):
             rows = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
             fused_t, fused_bias, loss = LinearStep.apply(denoiser, task, rows, weight, bias, denoiser.e, denoiser.a,
-                                                         denoiser.A)
+                                                         *params)
             denoiser.queue_loss(loss, denoiser.loss_scale(x))
             out = torch.addmm(fused_bias, rows, fused_t)  # F.linear, with the rows and W′ᵀ the step formed
             return out if x.ndim == 2 else out.view(*x.shape[:-1], out.shape[-1])
-        params = denoiser.matrix_parameters()
         noise = denoiser.noise if denoiser.sample_noise else None
         path = "input" if task and denoiser.prefers_input_path(x, weight) else "weight"
         out, fused_bias, loss = LayerStep.apply(denoiser, path, task, x, weight, bias, noise, denoiser.e, denoiser.a,
