@@ -4,7 +4,7 @@
 
 ViT-S/16 at 224 px, random weights and labels, bf16 autocast, torch's fused AdamW, CUDA-event timing
 in interleaved rounds (`denoiserep.timing`): one optimizer step of plain fine-tuning against the
-denoiser phase (label-aug with the default sampled L1 and with the expected L2, label-free), at batch
+denoiser phase (label-aug with the default sampled L1, the expected L2 and low rank; label-free), at batch
 8 and 32, eager and under ``torch.compile(model, mode="reduce-overhead")`` (CUDA graphs), as the
 trainer's ``--compile`` does. Then the DenoiseRep⁻ sampler (T = 49) after the backbone at batch 32,
 eager and compiled, against the backbone alone. Prints (and writes) one markdown section; a variant
@@ -32,6 +32,7 @@ SETTINGS = (
     ("plain fine-tuning", None, 0.0),
     ("label-aug, default (sampled L1, W′)", {}, 0.5),
     ("label-aug, expected L2, auto path", {"loss": "l2", "loss_estimator": "expected"}, 0.5),
+    ("label-aug, low rank (r=8), fraction 0.1", {"denoiser": "low_rank", "loss_token_fraction": 0.1}, 0.5),
     ("label-free, default", {}, 1.0),
 )
 TARGET_COMPILED = 1.5  # label-aug default / plain at batch 32, compiled
