@@ -12,15 +12,15 @@ from denoiserep.bench.launch import SETTINGS, layer_budget, training_step
 # The operators one converted layer adds to a step (forward + backward) over the same layer trained plainly.
 BUDGET = {
     ("Linear(384, 384) on 2 × 17 tokens", "default: sampled L1, W′"): 19,
-    ("Linear(384, 384) on 2 × 17 tokens", "expected L1, auto path"): 35,
+    ("Linear(384, 384) on 2 × 17 tokens", "expected L1, auto path"): 33,
     ("Linear(384, 384) on 2 × 17 tokens", "expected L2, auto path"): 24,
     ("Linear(384, 384) on 2 × 17 tokens", "low rank (r=8), fraction 0.1"): 36,
     ("Conv2d 1 × 1, 256 → 64, no bias, 16 × 16", "default: sampled L1, W′"): 23,
-    ("Conv2d 1 × 1, 256 → 64, no bias, 16 × 16", "expected L1, auto path"): 41,
+    ("Conv2d 1 × 1, 256 → 64, no bias, 16 × 16", "expected L1, auto path"): 39,
     ("Conv2d 1 × 1, 256 → 64, no bias, 16 × 16", "expected L2, auto path"): 31,
     ("Conv2d 1 × 1, 256 → 64, no bias, 16 × 16", "low rank (r=8), fraction 0.1"): 54,
     ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "default: sampled L1, W′"): 25,
-    ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "expected L1, auto path"): 38,
+    ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "expected L1, auto path"): 36,
     ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "expected L2, auto path"): 26,
     ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "low rank (r=8), fraction 0.1"): 51,
 }

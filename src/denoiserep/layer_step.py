@@ -623,11 +623,12 @@ def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: fl
         norms = torch.linalg.vector_norm(res, dim=-1)
         sigma = (norms if norms.ndim == 1 else norms.view(-1)).to(mean.dtype).clamp_min_(1e-6)
         zero = mats.zero if mats.zero.dtype == mean.dtype else mean.new_zeros(())
-        w = torch.addcdiv(zero, mean, pointwise.broadcast(sigma), value=math.sqrt(0.5))
+        spread = pointwise.broadcast(sigma)
+        w = torch.addcdiv(zero, mean, spread, value=math.sqrt(0.5))
         gauss = torch.addcmul(zero, w, w, value=-1.0).exp_()
         erf = w.erf_()
         gauss_sum = pointwise.sum_positions(gauss)
-        l1 = axpy_(torch.vdot(mean.reshape(-1), erf.reshape(-1)), torch.dot(gauss_sum, sigma), math.sqrt(2 / math.pi))
+        l1 = torch.mul(mean, erf).addcmul_(gauss, spread, value=math.sqrt(2 / math.pi)).sum()  # Σ E|N(m, σ²)|
         value = l1 if value is None else value.add_(l1)
         # ∂/∂σ_j = √(2/π) Σ gauss, and σ_j² = Σ_i res_ji², ∂res/∂A = −r: ∂/∂A_ji = −r res_ji ∂σ_j / σ_j.
         per_row = torch.addcdiv(zero, gauss_sum, sigma, value=-r * math.sqrt(2 / math.pi))
