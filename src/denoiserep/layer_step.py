@@ -58,6 +58,12 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call where it is a no-op (a step makes a dozen per layer, and
+    at a GPU's small batches a step's Python is time the device waits)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def axpy(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
     """x + alpha · y."""
     return x + y * alpha if _compiling() else torch.add(x, y, alpha=alpha)
@@ -272,7 +278,7 @@ class Pointwise:
         kernel = mats.kernel(index, matrix, self.unit)
         dtype = self._backward_dtype(grad, t)
         grad_t, grad_kernel, grad_sum = torch.ops.aten.convolution_backward(
-            grad.to(dtype), t.to(dtype), kernel.to(dtype), [self.channels] if need_sum else None, [1] * n, [0] * n,
+            cast(grad, dtype), cast(t, dtype), cast(kernel, dtype), [self.channels] if need_sum else None, [1] * n, [0] * n,
             [1] * n, False, [0] * n, self.groups, [need_input, need_matrix, need_sum])
         return (grad_t, grad_kernel, grad_sum) if need_sum else (grad_t, grad_kernel)
 
@@ -305,7 +311,7 @@ class Pointwise:
     def mean_and_denoised(self, mats: Matrices, t: torch.Tensor, c: torch.Tensor, s: float, c1: float, c3: float):
         """(s A t + c, c3 t − c1 A t, the convolution kernel of the latter or None) for a `plain` A:
         each one product with its scale and bias inside (two addmm, or two 1 × 1 convolutions)."""
-        c = c.to(t.dtype)
+        c = cast(c, t.dtype)
         if self.conv is None:
             return addmm(c, t, mats.A2t, alpha=s), addmm(t, t, mats.A2t, beta=c3, alpha=-c1), None
         scaled = torch.mul(mats.kernel(0, mats.A, self.unit), s)
@@ -476,7 +482,7 @@ def add_fused_weight_grad(groups: int, weight: torch.Tensor, mats: Matrices, c1:
                           views: WeightViews, kernel: torch.Tensor | None = None) -> torch.Tensor | None:
     """From ∂/∂W′: the matrix parameters' gradients added in place (∂A += −c1 Wᵀ ∂W′ per group);
     returns ∂/∂W (c3 ∂W′ − c1 ∂W′ Aᵀ) when ``need_weight``. ``kernel``: the forward's mixing kernel."""
-    grad = grad.to(weight.dtype)
+    grad = cast(grad, weight.dtype)
     if views.one_matrix:
         grad_rows = grad if grad.ndim == 2 else grad.view(views.matrix.shape)
         if mats.form == "full":
@@ -530,7 +536,7 @@ def shifted_bias(weight_sum: torch.Tensor, bias: torch.Tensor | None, vector: to
                  scale: float, zero: torch.Tensor | None = None) -> torch.Tensor:
     """b′ = b + scale · Σ_k W[:, :, k] v, per group (v: (channels,); ``zero``: a 0-dim zero to stand in
     for a missing b in one ``addmv``)."""
-    vector = vector.to(weight_sum.dtype)
+    vector = cast(vector, weight_sum.dtype)
     if groups == 1:
         if bias is None:
             if zero is not None and zero.dtype == weight_sum.dtype:
@@ -545,11 +551,11 @@ def shifted_bias(weight_sum: torch.Tensor, bias: torch.Tensor | None, vector: to
 def add_shifted_bias_grad(views: WeightViews, grad: torch.Tensor, groups: int, scale: float,
                           grad_c: torch.Tensor | None) -> torch.Tensor:
     """grad_c + scale · Σ_k W[:, :, k]ᵀ ∂b′ per group (in place when grad_c is given)."""
-    grad = grad.to(views.sum.dtype)
+    grad = cast(grad, views.sum.dtype)
     if groups == 1:
         if grad_c is None:
             return torch.mv(views.sum_t, grad).mul_(scale)
-        return addmv_(grad_c, views.sum_t, grad.to(grad_c.dtype), alpha=scale)
+        return addmv_(grad_c, views.sum_t, cast(grad, grad_c.dtype), alpha=scale)
     out = views.sum.shape[0]
     product = torch.bmm(views.sum.view(groups, out // groups, -1).mT, grad.view(groups, -1, 1)).view(-1)
     return product.mul_(scale) if grad_c is None else axpy_(grad_c, product, scale)
@@ -573,7 +579,7 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 def _sampled(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, loss_type: str):
     scaled_noise = torch.normal(0.0, r, rows.shape, dtype=rows.dtype, device=rows.device)  # r ε
     noisy = axpy(scaled_noise, rows, s)  # x_t = s x + r ε
-    predicted, saved = pointwise.apply(mats, noisy, c.to(noisy.dtype))
+    predicted, saved = pointwise.apply(mats, noisy, cast(c, noisy.dtype))
     residuals = _as_float(axpy_(predicted, scaled_noise, -1.0 / r))  # A x_t + c − ε
     return _sampled_value(residuals, loss_type), ("sampled", residuals, noisy, saved)
 
@@ -596,7 +602,7 @@ def _sampled_residual_grad(residuals: torch.Tensor, grad: torch.Tensor, loss_typ
 
 def _sampled_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tensor, loss_type: str):
     _, residuals, noisy, saved = state
-    grad_residuals = _sampled_residual_grad(residuals, grad, loss_type).to(noisy.dtype)
+    grad_residuals = cast(_sampled_residual_grad(residuals, grad, loss_type), noisy.dtype)
     return pointwise.sum_and_apply_grad(mats, noisy, saved, grad_residuals)
 
 
@@ -608,7 +614,7 @@ def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: fl
     if mean is None:
         if product is None:
             product, saved = pointwise.apply(mats, rows)
-        mean = axpy(pointwise.broadcast(c.to(product.dtype)), product, s)
+        mean = axpy(pointwise.broadcast(cast(c, product.dtype)), product, s)
     mean = _as_float(mean)
     res = mats.residual(r)
     count = mean.numel()
@@ -616,12 +622,12 @@ def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: fl
     state = {"kind": "per_position", "res": res, "count": count, "saved": saved, "rows": rows, "mean": mean}
     value = None
     if loss_type in ("l2", "l1+l2"):  # M Σ_j v_j + Σ m², with Σ_j v_j = ‖I − r A‖²_F
-        norm = torch.linalg.vector_norm(res).to(mean.dtype)
+        norm = cast(torch.linalg.vector_norm(res), mean.dtype)
         value = torch.addcmul(torch.linalg.vector_norm(mean).square(), norm, norm, value=positions)
     if loss_type in ("l1", "l1+l2"):
         # E|N(m, σ²)| = σ √(2/π) exp(−w²) + m erf(w), w = m / (σ √2); σ_j = ‖row j of I − r A‖ ≥ 1e-6.
         norms = torch.linalg.vector_norm(res, dim=-1)
-        sigma = (norms if norms.ndim == 1 else norms.view(-1)).to(mean.dtype).clamp_min_(1e-6)
+        sigma = cast(norms if norms.ndim == 1 else norms.view(-1), mean.dtype).clamp_min_(1e-6)
         zero = mats.zero if mats.zero.dtype == mean.dtype else mean.new_zeros(())
         spread = pointwise.broadcast(sigma)
         w = torch.addcdiv(zero, mean, spread, value=math.sqrt(0.5))
@@ -632,7 +638,7 @@ def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: fl
         value = l1 if value is None else value.add_(l1)
         # ∂/∂σ_j = √(2/π) Σ gauss, and σ_j² = Σ_i res_ji², ∂res/∂A = −r: ∂/∂A_ji = −r res_ji ∂σ_j / σ_j.
         per_row = torch.addcdiv(zero, gauss_sum, sigma, value=-r * math.sqrt(2 / math.pi))
-        state.update(erf=erf, res_scale=per_row.view(*res.shape[:-1], 1).to(res.dtype))
+        state.update(erf=erf, res_scale=cast(per_row.view(*res.shape[:-1], 1), res.dtype))
     return value, state
 
 
@@ -657,8 +663,8 @@ def _per_position_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.
     if product_grad:
         return grad_c, grads, grad_product
     rows = state["rows"]
-    for index, value in enumerate(pointwise.apply_grad(mats, rows, state["saved"], grad_product.to(rows.dtype))):
-        grads[index] = grads[index].add_(value.to(grads[index].dtype))
+    for index, value in enumerate(pointwise.apply_grad(mats, rows, state["saved"], cast(grad_product, rows.dtype))):
+        grads[index] = grads[index].add_(cast(value, grads[index].dtype))
     return grad_c, grads, None
 
 
@@ -679,7 +685,7 @@ def _gram(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float):
             product = addmm(base, exact.A2, gram, alpha=s * s)
         else:
             product = baddbmm(base, exact.A, gram, alpha=s * s)
-        offset = _matrix_vector(exact, mean_row, bias=c.to(rows.dtype), scale=s)  # s A x̄ + c
+        offset = _matrix_vector(exact, mean_row, bias=cast(c, rows.dtype), scale=s)  # s A x̄ + c
         value = axpy(torch.vdot(exact.flat, product.view(-1)), torch.vdot(offset, offset), count)
     return value.add_(count * pointwise.channels), ("gram", product, offset, mean_row, count)
 
@@ -777,7 +783,7 @@ class LossStep(torch.autograd.Function):
     def forward(ctx, den, x, e, a, *params):
         rows, pointwise = den.loss_positions(x)
         mats = den.step_operands(params)[0]
-        value, state = loss_forward(den, mats, constant(mats, e, a), rows.to(params[0].dtype), pointwise)
+        value, state = loss_forward(den, mats, constant(mats, e, a), cast(rows, params[0].dtype), pointwise)
         ctx.den, ctx.state, ctx.pointwise, ctx.mats = den, state, pointwise, mats
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(e, *params)
@@ -817,18 +823,18 @@ class LayerStep(torch.autograd.Function):
         if path == "weight":
             out, ctx.kernel = fused_weight_and_kernel(groups, weight, mats.form, params, c1, c3, mats, views)
             rows, loss_layout = den.loss_positions(x)
-            value, state = loss_forward(den, mats, c, rows.to(params[0].dtype), loss_layout)
+            value, state = loss_forward(den, mats, c, cast(rows, params[0].dtype), loss_layout)
         elif mats.plain and den.loss_fraction_is_one:  # the loss's mean and the denoised input, one product each
-            inputs = den.layer_positions(x).to(params[0].dtype)
+            inputs = cast(den.layer_positions(x), params[0].dtype)
             mean, denoised, ctx.denoise_kernel = pointwise.mean_and_denoised(mats, inputs, c, den.sqrt_alpha_bar,
                                                                              c1, c3)
-            out = den.from_layer_positions(denoised, x).to(x.dtype)
+            out = cast(den.from_layer_positions(denoised, x), x.dtype)
             loss_layout, ctx.index = pointwise, None
             value, state = loss_forward(den, mats, c, None, loss_layout, mean=mean)
         else:  # full rank, expected estimator: the loss reuses the task path's A x
-            inputs = den.layer_positions(x).to(params[0].dtype)
+            inputs = cast(den.layer_positions(x), params[0].dtype)
             product, _ = pointwise.apply(mats, inputs)
-            out = den.from_layer_positions(axpy_(product.mul(-c1), inputs, c3), x).to(x.dtype)
+            out = cast(den.from_layer_positions(axpy_(product.mul(-c1), inputs, c3), x), x.dtype)
             shared, loss_layout, index = den.loss_positions_of_product(product)
             value, state = loss_forward(den, mats, c, None, loss_layout, product=shared)
             ctx.index, ctx.denoise_kernel = index, None
@@ -865,7 +871,7 @@ class LayerStep(torch.autograd.Function):
             grad_c, grads, loss_product = loss_backward(den, mats, ctx.state, ctx.loss_layout, grad_loss,
                                                         product_grad=path == "input")
             grads = _in_dtypes(grads, params)
-            grad_c = grad_c.to(e.dtype)
+            grad_c = cast(grad_c, e.dtype)
             if loss_product is not None:
                 grad_product = den.product_grad_at_positions(loss_product, ctx.index, x)
         if grads is None:
@@ -882,18 +888,18 @@ class LayerStep(torch.autograd.Function):
                 if grad_w is not None:
                     grad_weight = grad_w if grad_weight is None else grad_weight.add_(grad_w)
         elif grad_out is not None or grad_product is not None:
-            inputs = den.layer_positions(x).to(params[0].dtype)
+            inputs = cast(den.layer_positions(x), params[0].dtype)
             total = grad_product
             if grad_out is not None:
-                grad_denoised = den.layer_positions(grad_out).to(params[0].dtype)
+                grad_denoised = cast(den.layer_positions(grad_out), params[0].dtype)
                 total = grad_denoised.mul(-c1) if total is None else axpy_(total, grad_denoised, -c1)
                 if need_x:
                     grad_x = pointwise.denoised_input_grad(mats, grad_denoised, inputs, c1, c3)
-                    grad_x = den.from_layer_positions(grad_x, x).to(x.dtype)
-            pointwise.add_apply_grad(mats, inputs, total.to(grads[0].dtype), grads)
+                    grad_x = cast(den.from_layer_positions(grad_x, x), x.dtype)
+            pointwise.add_apply_grad(mats, inputs, cast(total, grads[0].dtype), grads)
         grad_e = grad_a = None
         if grad_c is not None:
-            grad_a = grad_c.to(e.dtype)
+            grad_a = cast(grad_c, e.dtype)
             grad_e = add_constant_grad(mats, e, grad_a, grads)
         return None, None, None, grad_x, grad_weight, grad_bias, None, grad_e, grad_a, *_as_parameters(grads, params)
 
@@ -978,8 +984,8 @@ def _input_path_grads(ctx, x, e, params, grad_out, grad_bias_prime, grad_loss, n
     den, mats, state, pointwise, views = ctx.den, ctx.mats, ctx.state, ctx.loss_layout, ctx.views
     s, r, c1, c3 = den.sqrt_alpha_bar, den.sqrt_one_minus_alpha_bar, den.c1, den.c3
     dtype = params[0].dtype
-    inputs = den.layer_positions(x).to(dtype)
-    grad_denoised = den.layer_positions(grad_out).to(dtype)
+    inputs = cast(den.layer_positions(x), dtype)
+    grad_denoised = cast(den.layer_positions(grad_out), dtype)
     if den.loss_type == "l2":
         signal, k = state["mean"], 2.0
         residual, residual_scale = state["res"], 2 * r * (state["count"] // pointwise.channels) / c1
@@ -991,10 +997,10 @@ def _input_path_grads(ctx, x, e, params, grad_out, grad_bias_prime, grad_loss, n
         product_grad = torch.mm(total.t(), inputs)
     else:
         product_grad = pointwise._product_grad(mats, 0, mats.A, total, inputs, False)[1].view(mats.A2.shape)
-    weighted = torch.mul(pointwise.sum_positions(signal), grad_loss).to(views.sum.dtype)  # g Σ signal
-    grad_c = addmv(weighted, views.sum_t, grad_bias_prime.to(views.sum.dtype), beta=k, alpha=-c1).to(e.dtype)
-    grad_matrix = torch.addcmul(product_grad.to(residual.dtype), residual, grad_loss, value=residual_scale)
-    grad_matrix = addr(grad_matrix.to(e.dtype), grad_c, e, beta=-c1)
+    weighted = cast(torch.mul(pointwise.sum_positions(signal), grad_loss), views.sum.dtype)  # g Σ signal
+    grad_c = cast(addmv(weighted, views.sum_t, cast(grad_bias_prime, views.sum.dtype), beta=k, alpha=-c1), e.dtype)
+    grad_matrix = torch.addcmul(cast(product_grad, residual.dtype), residual, grad_loss, value=residual_scale)
+    grad_matrix = addr(cast(grad_matrix, e.dtype), grad_c, e, beta=-c1)
     grad_e = torch.mv(mats.A2t, grad_c)
     grad_x = None
     if need_x:
@@ -1005,9 +1011,9 @@ def _input_path_grads(ctx, x, e, params, grad_out, grad_bias_prime, grad_loss, n
             kernel = ctx.denoise_kernel
             compute = pointwise._backward_dtype(grad_denoised, inputs)
             grad_x = torch.ops.aten.convolution_backward(
-                grad_denoised.to(compute), inputs.to(compute), kernel.to(compute), None, [1] * n, [0] * n, [1] * n,
+                cast(grad_denoised, compute), cast(inputs, compute), cast(kernel, compute), None, [1] * n, [0] * n, [1] * n,
                 False, [0] * n, 1, [True, False, False])[0]
-        grad_x = den.from_layer_positions(grad_x, x).to(x.dtype)
+        grad_x = cast(den.from_layer_positions(grad_x, x), x.dtype)
     return grad_x, grad_e, grad_c, _in_dtypes([grad_matrix], params)
 
 

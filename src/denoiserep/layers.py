@@ -168,7 +168,8 @@ class LayerDenoiser(nn.Module):
 
     # -- the denoiser as a matrix ---------------------------------------------------------
     def matrix_parameters(self) -> tuple[torch.Tensor, ...]:
-        return (self.A,) if self.form == "full" else (self.A_diag, self.U, self.V)
+        own = self._parameters
+        return (own["A"],) if self.form == "full" else (own["A_diag"], own["U"], own["V"])
 
     def step_matrices(self) -> tuple[torch.Tensor, ...]:
         """What the training step and W′ are computed from: `matrix_parameters`, or for
@@ -388,7 +389,8 @@ class LayerDenoiser(nn.Module):
 
     def pop_weighted_losses(self) -> list[tuple[torch.Tensor, float]]:
         """(loss, scale) pairs queued since the last call: the losses are ``scale`` · ``loss``."""
-        losses, self._pending_losses = self._pending_losses, []
+        losses = self._pending_losses.copy()
+        self._pending_losses.clear()  # not a new list: nn.Module's __setattr__ costs more than the rest
         return losses
 
     def step_operands(self, params, weight: torch.Tensor | None = None) -> tuple[Matrices, WeightViews | None]:
@@ -416,7 +418,12 @@ class LayerDenoiser(nn.Module):
 
     def trains(self) -> bool:
         """Train mode, gradients on and a trainable parameter: a forward then yields a noise loss."""
-        return self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values())
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        for p in self._parameters.values():
+            if p.requires_grad:
+                return True
+        return False
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}, t={self.timestep}, form={self.form}"
@@ -460,18 +467,17 @@ class DenoisedForward:
         # Under `noise_loss_only` only the noise loss carries gradients: W′ and b′ go in as constants.
         task = not denoiser.noise_loss_only
         params = denoiser.step_matrices()
+        own = denoiser._parameters  # e and a without nn.Module's attribute lookup
         if (denoiser.linear_step and not weight.requires_grad and (bias is None or not bias.requires_grad)
                 and not torch.compiler.is_compiling()):
             rows = x if x.ndim == 2 else x.reshape(-1, x.shape[-1])
-            fused_t, fused_bias, loss = LinearStep.apply(denoiser, task, rows, weight, bias, denoiser.e, denoiser.a,
-                                                         *params)
+            fused_t, fused_bias, loss = LinearStep.apply(denoiser, task, rows, weight, bias, own["e"], own["a"], *params)
             denoiser.queue_loss(loss, denoiser.loss_scale(x))
             out = torch.addmm(fused_bias, rows, fused_t)  # F.linear, with the rows and W′ᵀ the step formed
             return out if x.ndim == 2 else out.view(*x.shape[:-1], out.shape[-1])
         noise = denoiser.noise if denoiser.sample_noise else None
         path = "input" if task and denoiser.prefers_input_path(x, weight) else "weight"
-        out, fused_bias, loss = LayerStep.apply(denoiser, path, task, x, weight, bias, noise, denoiser.e, denoiser.a,
-                                                *params)
+        out, fused_bias, loss = LayerStep.apply(denoiser, path, task, x, weight, bias, noise, own["e"], own["a"], *params)
         denoiser.queue_loss(loss, denoiser.loss_scale(x))
         return run_layer(layer, out, weight, fused_bias) if path == "input" else run_layer(layer, x, out, fused_bias)
 
