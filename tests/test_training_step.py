@@ -26,6 +26,7 @@ LAYERS = {
     "conv stride 2, reflect, dilation": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2,
                                                            padding_mode="reflect"), (2, 3, 7, 7)),
     "conv groups 2": (lambda: nn.Conv2d(6, 4, 3, padding=1, groups=2), (2, 6, 5, 5)),
+    "conv 3x3, more inputs than W has rows": (lambda: nn.Conv2d(12, 1, 3, padding=1), (2, 12, 4, 4)),  # low rank: d > out · k
     "depthwise conv1d": (lambda: nn.Conv1d(4, 4, 3, padding=1, groups=4, bias=False), (3, 4, 9)),
     "conv3d": (lambda: nn.Conv3d(3, 2, 2), (2, 3, 3, 3, 3)),
 }
@@ -246,7 +247,8 @@ def test_a_low_rank_a_no_larger_than_w_steps_as_one_dense_block_and_a_wider_one_
         return next(dr.layer_denoisers(converted(kind, denoiser="low_rank", rank=2)[0]))[2].dense_low_rank
 
     assert dense("linear on rows") and dense("conv 3x3, zero padding, no bias")  # d ≤ out · k
-    assert not dense("linear on tokens") and not dense("conv 1x1") and not dense("conv groups 2")  # d > out · k, groups
+    assert not dense("linear on tokens") and not dense("conv 1x1") and not dense("conv 3x3, more inputs than W has rows")
+    assert not dense("conv groups 2")  # d > out · k, or groups
 
 
 @pytest.mark.parametrize("form", ["full", "low_rank"])

@@ -175,14 +175,9 @@ class Matrices:
         return self.A if self.form == "full" else torch.diag_embed(self.diag) + self.U @ self.V
 
     def mixing_kernel(self, c1: float, c3: float, spatial_dims: int) -> torch.Tensor:
-        """(c3 I − c1 A)ᵀ as a 1 × 1 convolution kernel (one group): over a conv's W as its input
-        (batch: outputs, spatial: kernel), conv(W, K)[o, j, k] = Σ_i (c3 I − c1 A)[i, j] W[o, i, k].
-        Low rank: diag(c3 − c1 a) − c1 Vᵀ Uᵀ, d² r (a k × k conv's W has out · k² ≥ d rows)."""
+        """(c3 I − c1 A)ᵀ as a 1 × 1 convolution kernel (full rank, one group): over a conv's W as its
+        input (batch: outputs, spatial: kernel), conv(W, K)[o, j, k] = Σ_i (c3 I − c1 A)[i, j] W[o, i, k]."""
         unit = [1] * spatial_dims
-        if self.form != "full":
-            diagonal = torch.diag(scaled_complement(self.diag_flat, c3, c1))
-            mixing = addmm(diagonal, self.block(2, transposed=True), self.block(1, transposed=True), alpha=-c1)
-            return mixing.view(*mixing.shape, *unit)
         eye, a_t = self._keep(("mixing", c3, spatial_dims), lambda: (self.eye.mul(c3).view(*self.eye.shape, *unit),
                                                                      self.A2t.reshape(*self.A2t.shape, *unit)))
         return axpy(eye, a_t, -c1)
@@ -464,8 +459,10 @@ def fused_weight_and_kernel(groups: int, weight: torch.Tensor, form: str, params
             fused = addmm(rows * scaled_complement(mats.diag_flat, c3, c1), torch.mm(rows, mats.block(1)),
                           mats.block(2), alpha=-c1)
         return (fused if weight.ndim == 2 else fused.view(weight.shape)), None
-    if groups == 1:
-        # W's input channels contract with c3 I − c1 A as a 1 × 1 convolution over W itself.
+    if groups == 1 and form == "full":
+        # W's input channels contract with c3 I − c1 A as a 1 × 1 convolution over W itself. (A low-rank
+        # A that is no larger than W steps as a full one, `LayerDenoiser.dense_low_rank`; a wider one
+        # goes through W's rows, out · k of them, fewer than its d.)
         kernel = mats.mixing_kernel(c1, c3, weight.ndim - 2)
         return _CONVOLUTIONS[weight.ndim - 2](weight, kernel), kernel
     rows = _weight_rows(weight, groups)
@@ -495,20 +492,13 @@ def add_fused_weight_grad(groups: int, weight: torch.Tensor, mats: Matrices, c1:
         if not need_weight:
             return None
         return addmm(grad_rows, grad_rows, mats.dense()[0].t(), beta=c3, alpha=-c1).view(weight.shape)
-    if groups == 1:
+    if groups == 1 and mats.form == "full":
         n = weight.ndim - 2
         if kernel is None:
             kernel = mats.mixing_kernel(c1, c3, n)
         grad_weight, grad_kernel, _ = torch.ops.aten.convolution_backward(
             grad, weight, kernel, None, [1] * n, [0] * n, [1] * n, False, [0] * n, 1, [need_weight, True, False])
-        grad_kernel_t = grad_kernel.view(kernel.shape[:2]).t()  # K = c3 I − c1 Aᵀ: ∂A = −c1 ∂Kᵀ
-        if mats.form == "full":
-            axpy_(grads[0], grad_kernel_t, -c1)
-        else:
-            grad_kernel_t = grad_kernel_t.to(grads[1].dtype)
-            axpy_(grads[0], torch.diagonal(grad_kernel_t), -c1)
-            addmm_(_one_block(grads[1]), grad_kernel_t, mats.block(2, transposed=True), alpha=-c1)
-            addmm_(_one_block(grads[2]), mats.block(1, transposed=True), grad_kernel_t, alpha=-c1)
+        axpy_(grads[0], grad_kernel.view(mats.A2.shape).t(), -c1)  # K = c3 I − c1 Aᵀ
         return grad_weight
     rows, grad_rows = _weight_rows(weight, groups), _weight_rows(grad, groups)
     if mats.form == "full":
@@ -678,13 +668,12 @@ def _gram(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float):
         count = pointwise.positions(rows)
         mean_row = rows.mean(0) if pointwise.conv is None else rows.mean(dim=[0, *range(2, rows.ndim)])
         gram = pointwise.gram(exact, rows - pointwise.broadcast(mean_row))
-        # M r² A − 2 r M I (the I term kept per input shape)
-        base = axpy(exact._keep(("gram identity", count, r), lambda: exact.eye.mul(-2 * r * count)),
-                    exact.A2 if exact.plain else exact.A, r * r * count)
+        # M r² A − 2 r M I = −2 r M (I − (r / 2) A): the count rides in the product's beta
+        base = axpy(exact.eye, exact.A2 if exact.plain else exact.A, -r / 2)
         if exact.plain:
-            product = addmm(base, exact.A2, gram, alpha=s * s)
+            product = addmm(base, exact.A2, gram, beta=-2 * r * count, alpha=s * s)
         else:
-            product = baddbmm(base, exact.A, gram, alpha=s * s)
+            product = baddbmm(base, exact.A, gram, beta=-2 * r * count, alpha=s * s)
         offset = _matrix_vector(exact, mean_row, bias=cast(c, rows.dtype), scale=s)  # s A x̄ + c
         value = axpy(torch.vdot(exact.flat, product.view(-1)), torch.vdot(offset, offset), count)
     return value.add_(count * pointwise.channels), ("gram", product, offset, mean_row, count)
