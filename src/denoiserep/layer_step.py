@@ -182,12 +182,18 @@ class Matrices:
                                                                      self.A2t.reshape(*self.A2t.shape, *unit)))
         return axpy(eye, a_t, -c1)
 
-    def denoise_kernel(self, c1: float, c3: float, unit: list[int]) -> torch.Tensor:
-        """c3 I − c1 A as a 1 × 1 convolution kernel (`plain`): conv(x, K) is the denoised input
-        c3 x − c1 A x, and its input gradient c3 g − c1 Aᵀ g."""
-        eye, a = self._keep(("denoise", c3, len(unit)), lambda: (self.eye.mul(c3).view(*self.eye.shape, *unit),
-                                                                 self.A2.view(*self.A2.shape, *unit)))
-        return axpy(eye, a, -c1)
+    def input_path_kernels(self, s: float, c1: float, c3: float, r: float, unit: list[int]):
+        """(s A, c3 I − c1 A, I − r A) as 1 × 1 convolution kernels (`plain`), from one addcmul: conv(x, ·)
+        of the first is the loss's s A x, of the second the denoised input (its input gradient
+        c3 g − c1 Aᵀ g); the third is the loss's residual."""
+        def constants():
+            d = self.eye.shape[0]
+            base = torch.stack([torch.zeros_like(self.eye), self.eye * c3, self.eye]).view(3, d, d, *unit)
+            scales = torch.tensor([s, -c1, -r], dtype=self.eye.dtype, device=self.eye.device).view(3, 1, 1, *unit)
+            return base, scales, self.A2.view(1, d, d, *unit)
+
+        base, scales, a = self._keep(("input path", s, c1, c3, r, len(unit)), constants)
+        return torch.addcmul(base, scales, a).unbind(0)
 
     @_lazy
     def zero(self) -> torch.Tensor:
@@ -303,15 +309,16 @@ class Pointwise:
             return [grad_diag, grad_u, grad_v]
         return [grad_diag.view(mats.diag.shape), grad_u.view(mats.U.shape), grad_v.view(mats.V.shape)]
 
-    def mean_and_denoised(self, mats: Matrices, t: torch.Tensor, c: torch.Tensor, s: float, c1: float, c3: float):
-        """(s A t + c, c3 t − c1 A t, the convolution kernel of the latter or None) for a `plain` A:
-        each one product with its scale and bias inside (two addmm, or two 1 × 1 convolutions)."""
+    def mean_and_denoised(self, mats: Matrices, t: torch.Tensor, c: torch.Tensor, s: float, c1: float, c3: float,
+                          r: float):
+        """(s A t + c, c3 t − c1 A t, the convolution kernel of the latter, I − r A as a kernel) for a
+        `plain` A: each one product with its scale and bias inside (two addmm, or two 1 × 1
+        convolutions); a Linear's last two are None."""
         c = cast(c, t.dtype)
         if self.conv is None:
-            return addmm(c, t, mats.A2t, alpha=s), addmm(t, t, mats.A2t, beta=c3, alpha=-c1), None
-        scaled = torch.mul(mats.kernel(0, mats.A, self.unit), s)
-        kernel = mats.denoise_kernel(c1, c3, self.unit)
-        return self.conv(t, scaled, c), self.conv(t, kernel), kernel
+            return addmm(c, t, mats.A2t, alpha=s), addmm(t, t, mats.A2t, beta=c3, alpha=-c1), None, None
+        scaled, kernel, residual = mats.input_path_kernels(s, c1, c3, r, self.unit)
+        return self.conv(t, scaled, c), self.conv(t, kernel), kernel, residual
 
     def sum_and_apply_grad(self, mats: Matrices, t: torch.Tensor, saved, grad: torch.Tensor):
         """(Σ over positions of ∂(A t + c), `apply_grad`): for a full-rank A on a convolution's input both
@@ -597,23 +604,26 @@ def _sampled_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tenso
 
 
 def _per_position(pointwise: Pointwise, mats: Matrices, c, rows, s: float, r: float, loss_type: str, product=None,
-                  mean=None):
+                  mean=None, res=None):
     """Exact expectation over ε from each position's mean m = s A x + c and the channels' variance
-    v_j = ‖row j of (I − r A)‖² (``product``: A x, or ``mean`` itself, when the input path has it already)."""
+    v_j = ‖row j of (I − r A)‖² (``product``: A x, or ``mean`` itself, when the input path has it already;
+    ``res``: I − r A in any shape, for L2)."""
     saved = None
     if mean is None:
         if product is None:
             product, saved = pointwise.apply(mats, rows)
         mean = axpy(pointwise.broadcast(cast(c, product.dtype)), product, s)
     mean = _as_float(mean)
-    res = mats.residual(r)
+    if res is None or loss_type != "l2":
+        res = mats.residual(r)
     count = mean.numel()
     positions = count // pointwise.channels
     state = {"kind": "per_position", "res": res, "count": count, "saved": saved, "rows": rows, "mean": mean}
     value = None
     if loss_type in ("l2", "l1+l2"):  # M Σ_j v_j + Σ m², with Σ_j v_j = ‖I − r A‖²_F
-        norm = cast(torch.linalg.vector_norm(res), mean.dtype)
-        value = torch.addcmul(torch.linalg.vector_norm(mean).square(), norm, norm, value=positions)
+        norm_res, norm_mean = torch._foreach_norm([res, mean])  # both norms in one operator
+        norm = cast(norm_res, mean.dtype)
+        value = torch.addcmul(norm_mean.square(), norm, norm, value=positions)
     if loss_type in ("l1", "l1+l2"):
         # E|N(m, σ²)| = σ √(2/π) exp(−w²) + m erf(w), w = m / (σ √2); σ_j = ‖row j of I − r A‖ ≥ 1e-6.
         norms = torch.linalg.vector_norm(res, dim=-1)
@@ -691,7 +701,7 @@ def _gram_grad(pointwise: Pointwise, mats: Matrices, state, grad: torch.Tensor, 
     return grad_offset, [baddbmm(scaled, grad_offset.view(g, -1, 1), mean_row.view(g, 1, -1), beta=2.0, alpha=s)]
 
 
-def loss_forward(den, mats: Matrices, c, rows, pointwise: Pointwise, product=None, mean=None):
+def loss_forward(den, mats: Matrices, c, rows, pointwise: Pointwise, product=None, mean=None, res=None):
     """The denoiser's noise loss on ``rows`` (its layout: ``pointwise``), summed over its elements
     (positions × channels; the caller divides: `LayerDenoiser.loss_elements`); value (0-dim), state."""
     s, r = den.sqrt_alpha_bar, den.sqrt_one_minus_alpha_bar
@@ -700,7 +710,7 @@ def loss_forward(den, mats: Matrices, c, rows, pointwise: Pointwise, product=Non
     if product is None and mean is None and mats.form == "full" and den.loss_type == "l2" \
             and pointwise.d < pointwise.positions(rows):
         return _gram(pointwise, mats, c, rows, s, r)
-    return _per_position(pointwise, mats, c, rows, s, r, den.loss_type, product, mean)
+    return _per_position(pointwise, mats, c, rows, s, r, den.loss_type, product, mean, res)
 
 
 def loss_backward(den, mats: Matrices, state, pointwise: Pointwise, grad: torch.Tensor, product_grad: bool = False):
@@ -815,11 +825,11 @@ class LayerStep(torch.autograd.Function):
             value, state = loss_forward(den, mats, c, cast(rows, params[0].dtype), loss_layout)
         elif mats.plain and den.loss_fraction_is_one:  # the loss's mean and the denoised input, one product each
             inputs = cast(den.layer_positions(x), params[0].dtype)
-            mean, denoised, ctx.denoise_kernel = pointwise.mean_and_denoised(mats, inputs, c, den.sqrt_alpha_bar,
-                                                                             c1, c3)
+            mean, denoised, ctx.denoise_kernel, res = pointwise.mean_and_denoised(
+                mats, inputs, c, den.sqrt_alpha_bar, c1, c3, den.sqrt_one_minus_alpha_bar)
             out = cast(den.from_layer_positions(denoised, x), x.dtype)
             loss_layout, ctx.index = pointwise, None
-            value, state = loss_forward(den, mats, c, None, loss_layout, mean=mean)
+            value, state = loss_forward(den, mats, c, None, loss_layout, mean=mean, res=res)
         else:  # full rank, expected estimator: the loss reuses the task path's A x
             inputs = cast(den.layer_positions(x), params[0].dtype)
             product, _ = pointwise.apply(mats, inputs)
@@ -984,11 +994,15 @@ def _input_path_grads(ctx, x, e, params, grad_out, grad_bias_prime, grad_loss, n
     total = torch.addcmul(grad_denoised, signal, grad_loss, value=-k * s / c1)  # −(1/c1) ∂/∂(A x)
     if pointwise.conv is None:
         product_grad = torch.mm(total.t(), inputs)
-    else:
-        product_grad = pointwise._product_grad(mats, 0, mats.A, total, inputs, False)[1].view(mats.A2.shape)
+    else:  # a kernel's shape, as the L2 residual kernel's (a view for L1's 2-D one)
+        product_grad = pointwise._product_grad(mats, 0, mats.A, total, inputs, False)[1]
+        if product_grad.shape != residual.shape:
+            product_grad = product_grad.view(residual.shape)
     weighted = cast(torch.mul(pointwise.sum_positions(signal), grad_loss), views.sum.dtype)  # g Σ signal
     grad_c = cast(addmv(weighted, views.sum_t, cast(grad_bias_prime, views.sum.dtype), beta=k, alpha=-c1), e.dtype)
     grad_matrix = torch.addcmul(cast(product_grad, residual.dtype), residual, grad_loss, value=residual_scale)
+    if grad_matrix.ndim != 2:
+        grad_matrix = grad_matrix.view(mats.A2.shape)
     grad_matrix = addr(cast(grad_matrix, e.dtype), grad_c, e, beta=-c1)
     grad_e = torch.mv(mats.A2t, grad_c)
     grad_x = None
