@@ -158,6 +158,7 @@ def _gather_worker(rank, world, port, result_file):
         metric.update([predictions[i] for i in ids], [targets[i] for i in ids], image_ids=ids)
         result = metric.compute()
         torch.save(result, f"{result_file}.{rank}")
+        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_training.py)
     finally:
         dist.destroy_process_group()
 

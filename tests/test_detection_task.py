@@ -290,6 +290,7 @@ def _evaluate_worker(rank, world, port, data, result_file):
         torch.set_num_threads(1)
         metrics = _evaluate(data, DistInfo(rank, world))
         torch.save(metrics, f"{result_file}.{rank}")
+        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_training.py)
     finally:
         dist.destroy_process_group()
 

@@ -349,6 +349,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out_dir: str) -> No
         dist.all_reduce(grad)
         grad /= world  # what DDP does
         torch.save({"metrics": metrics, "grad": grad}, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_training.py)
     finally:
         dist.destroy_process_group()
 

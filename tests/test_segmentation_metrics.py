@@ -142,6 +142,7 @@ def _reduce_worker(rank, world, port, result_file):
         metric.all_reduce()
         if rank == 0:
             torch.save({k: v for k, v in metric.compute().items()}, result_file)
+        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_training.py)
     finally:
         dist.destroy_process_group()
 

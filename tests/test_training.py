@@ -219,6 +219,9 @@ def _ddp_worker(rank, world_size, port, result_file):
         dist.all_gather(gathered, params)
         if rank == 0:
             torch.save(gathered, result_file)
+        # Both ranks done before either tears gloo down: a rank leaving while its peer still talks to it
+        # aborted the peer ("terminate called without an active exception") now and then under load.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
