@@ -743,7 +743,7 @@ def _as_in_forward(ctx, backward, *args):
 
 
 def _in_dtypes(grads: list, params) -> list[torch.Tensor]:
-    return [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+    return [cast(g, p.dtype) for g, p in zip(grads, params)]
 
 
 def _as_parameters(grads: list, params) -> list[torch.Tensor]:
@@ -917,7 +917,7 @@ class LinearStep(torch.autograd.Function):
         mats, views = den.step_operands((matrix,), weight)
         fusing = mats if matrix.dtype == weight.dtype else Matrices("full", [matrix.to(weight.dtype)])
         c = torch.addmv(a, mats.A2, e)
-        c_w = c if c.dtype == weight.dtype else c.to(weight.dtype)
+        c_w = cast(c, weight.dtype)
         if bias is not None:
             bias_prime = torch.addmv(bias, weight, c_w, alpha=-c1)
         elif mats.zero.dtype == weight.dtype:
@@ -926,12 +926,10 @@ class LinearStep(torch.autograd.Function):
             bias_prime = torch.mv(weight, c_w).mul_(-c1)
         # W′ᵀ = c3 Wᵀ − c1 Aᵀ Wᵀ: the layer then runs as one addmm on the rows, with no transpose.
         fused_t = torch.addmm(views.matrix_t, fusing.A2t, views.matrix_t, beta=c3, alpha=-c1)
-        rows = den.loss_rows(x)
-        if rows.dtype != matrix.dtype:
-            rows = rows.to(matrix.dtype)
+        rows = cast(den.loss_rows(x), matrix.dtype)
         scaled_noise = torch.normal(0.0, r, rows.shape, dtype=rows.dtype, device=rows.device)  # r ε
         noisy = torch.add(scaled_noise, rows, alpha=s)  # x_t = s x + r ε
-        predicted = torch.addmm(c if c.dtype == noisy.dtype else c.to(noisy.dtype), noisy, mats.A2t)
+        predicted = torch.addmm(cast(c, noisy.dtype), noisy, mats.A2t)
         residuals = _as_float(predicted.add_(scaled_noise, alpha=-1.0 / r))  # A x_t + c − ε
         value = _sampled_value(residuals, den.loss_type)
         ctx.den, ctx.mats, ctx.views = den, mats, views
@@ -955,19 +953,14 @@ class LinearStep(torch.autograd.Function):
             grad_c = torch.zeros_like(e)
             grad_matrix = torch.zeros(mats.A2.shape, dtype=e.dtype, device=e.device)
         else:
-            grad_residuals = _sampled_residual_grad(residuals, grad_loss, den.loss_type)
-            if grad_residuals.dtype != noisy.dtype:
-                grad_residuals = grad_residuals.to(noisy.dtype)
+            grad_residuals = cast(_sampled_residual_grad(residuals, grad_loss, den.loss_type), noisy.dtype)
             grad_c, grad_matrix = grad_residuals.sum(0), torch.mm(grad_residuals.t(), noisy)
-            grad_c = grad_c if grad_c.dtype == e.dtype else grad_c.to(e.dtype)
-            grad_matrix = grad_matrix if grad_matrix.dtype == e.dtype else grad_matrix.to(e.dtype)
+            grad_c, grad_matrix = cast(grad_c, e.dtype), cast(grad_matrix, e.dtype)
         if grad_bias_prime is not None:
-            if not grad_bias_prime.dtype == views.sum.dtype == grad_c.dtype:  # by W's dtype, as the general step
-                grad_bias_prime = grad_bias_prime.to(views.sum.dtype).to(grad_c.dtype)
+            grad_bias_prime = cast(cast(grad_bias_prime, views.sum.dtype), grad_c.dtype)  # by W's dtype, as the general step
             grad_c.addmv_(views.sum_t, grad_bias_prime, alpha=-c1)
         if grad_fused_t is not None:  # ∂/∂A of −c1 Aᵀ Wᵀ: −c1 Wᵀ Gᵀ
-            if grad_fused_t.dtype != views.matrix.dtype:
-                grad_fused_t = grad_fused_t.to(views.matrix.dtype)
+            grad_fused_t = cast(grad_fused_t, views.matrix.dtype)
             grad_matrix.addmm_(views.matrix_t, grad_fused_t.t(), alpha=-c1)
         grad_matrix.addr_(grad_c, e)  # c = A e + a
         grad_e = torch.mv(mats.A2t, grad_c)
