@@ -58,10 +58,10 @@ class StepCache:
     """The views a training step uses (`LayerDenoiser.step_operands`), with the keys that say they are
     still valid. Copies and pickles of a denoiser start empty: views belong to the tensors they view."""
 
-    __slots__ = ("matrices_key", "matrices", "weight_key", "views", "factors_key", "factors")
+    __slots__ = ("matrices_key", "matrices", "weight_key", "views")
 
     def __init__(self):
-        self.matrices_key = self.matrices = self.weight_key = self.views = self.factors_key = self.factors = None
+        self.matrices_key = self.matrices = self.weight_key = self.views = None
 
     def __deepcopy__(self, memo) -> "StepCache":
         return StepCache()
@@ -184,15 +184,9 @@ class LayerDenoiser(nn.Module):
         return self.form == "full" or self.dense_low_rank
 
     def factor_views(self) -> Matrices:
-        """The low-rank factors' views, kept while the parameters keep their storage."""
-        params = self.matrix_parameters()
-        if torch.compiler.is_compiling():
-            return Matrices(self.form, params)
-        cache = self._step_cache
-        key = (*(p.data_ptr() for p in params), params[0].dtype)
-        if cache.factors_key != key:
-            cache.factors_key, cache.factors = key, Matrices(self.form, params)
-        return cache.factors
+        """The low-rank factors' views, kept as every step's (`step_operands`: a `dense_low_rank`
+        layer's own step runs on the dense block, which is never kept)."""
+        return self.step_operands(self.matrix_parameters())[0]
 
     def matrix(self) -> torch.Tensor:
         """A as (groups, d, d) blocks; ``(A x)_j = Σ_i A[g, j, i] x_i`` within group g."""
