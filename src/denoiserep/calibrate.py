@@ -204,19 +204,21 @@ def fit_layer(denoiser: LayerDenoiser, fit: InputStatistics, heldout: InputStati
     return fitted, rho
 
 
-def assign(denoiser: LayerDenoiser, fitted: LinearDenoiser, fit_mean: torch.Tensor) -> None:
-    """Write a fitted denoiser into the layer's parameters, in place, in their own dtype: A (or its
-    diagonal and factors), e = −√ᾱ μ and a = 0, so that A e + a = −√ᾱ A μ is optimal for that A and
-    stays so if A trains further."""
+def fitted_parameters(denoiser: LayerDenoiser, fitted: LinearDenoiser, fit_mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A fitted denoiser as the layer's parameters, by name, in their own dtype: A (or its diagonal and
+    factors), e = −√ᾱ μ and a = 0, so that A e + a = −√ᾱ A μ is optimal for that A and stays so if A
+    trains further."""
+    own = dict(denoiser.named_parameters())
+    values = {"A": fitted.matrix} if denoiser.form == "full" else {"A_diag": fitted.diag, "U": fitted.U, "V": fitted.V}
+    values.update(e=-denoiser.sqrt_alpha_bar * fit_mean, a=torch.zeros_like(own["a"]))
+    return {name: value.to(own[name]) for name, value in values.items()}
+
+
+def assign(denoiser: LayerDenoiser, parameters: dict[str, torch.Tensor]) -> None:
+    """Write `fitted_parameters` into the layer's parameters, in place."""
     with torch.no_grad():
-        if denoiser.form == "full":
-            denoiser.A.copy_(fitted.matrix)
-        else:
-            denoiser.A_diag.copy_(fitted.diag)
-            denoiser.U.copy_(fitted.U)
-            denoiser.V.copy_(fitted.V)
-        denoiser.e.copy_(-denoiser.sqrt_alpha_bar * fit_mean)
-        denoiser.a.zero_()
+        for name, p in denoiser.named_parameters():
+            p.copy_(parameters[name])
 
 
 def _optimum_of_fit(denoiser: LayerDenoiser, fitted: LinearDenoiser, fit: InputStatistics,
@@ -543,21 +545,19 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
                         continue
                     measured = heldout if heldout is not None else fit
                     s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
-                    current = {k: p.detach().clone() for k, p in denoiser.named_parameters()}
                     current_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n, _product_dtype(denoiser)))
                     fitted, rho = fit_layer(denoiser, fit, heldout, shrinkage)
                     if pass_index == 0:
                         before[name] = _layer_loss(name, layer, denoiser, measured, l1_before.get(name), current_l2,
                                                    _optimum_of_fit(denoiser, fitted, fit, measured, rho))
                         measured_on[name] = measured
-                    # The fitted loss is the model's own (its parameters' dtype), so the report can reuse it.
-                    assign(denoiser, fitted, fit.mean)
-                    fitted_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n, _product_dtype(denoiser)))
+                    # The fitted loss in the parameters' own dtype, as the model will have it: the report reuses it.
+                    candidate = fitted_parameters(denoiser, fitted, fit.mean)
+                    fitted_l2 = float(expected_l2(linear_denoiser(denoiser, candidate), measured, s, n,
+                                                  _product_dtype(denoiser)))
                     kept = fitted_l2 > current_l2
-                    if kept:
-                        with torch.no_grad():
-                            for key, p in denoiser.named_parameters():
-                                p.copy_(current[key])
+                    if not kept:
+                        assign(denoiser, candidate)
                     fits[name] = LayerFit(name, fit.count, fit.rows_per_channel, rho, kept)
                     fitted_on[name] = fit
                     final_l2[name] = (measured, current_l2 if kept else fitted_l2)
