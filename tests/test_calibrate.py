@@ -160,6 +160,7 @@ LAYERS = {
     "conv2d-circular": (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), (4, 4, 7, 7)),
     "conv2d-groups": (lambda: nn.Conv2d(6, 4, 3, padding=1, groups=2), (4, 6, 7, 7)),
     "conv2d-depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (4, 6, 7, 7)),
+    "conv2d-wider-than-a-gram-block": (lambda: nn.Conv2d(150, 3, 1), (4, 150, 10, 10)),
     "conv3d": (lambda: nn.Conv3d(3, 4, 2), (2, 3, 4, 4, 4)),
 }
 

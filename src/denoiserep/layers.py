@@ -237,8 +237,13 @@ class LayerDenoiser(nn.Module):
         Every token of a Linear input, every (unpadded) pixel of a conv input; the noise loss
         and `denoiserep.calibrate` both average over exactly these rows.
         """
+        x = x.detach()
+        if self.spatial_dims == 0:
+            return x.reshape(-1, self.channels)
+        # A conv's rows are a transposed view of a channels-first copy (C, positions): NCHW → (C, N·H·W)
+        # is one copy, and `Moments` then forms its Gram along contiguous positions.
         channel_axis = x.ndim - 1 - self.spatial_dims
-        return x.detach().movedim(channel_axis, -1).reshape(-1, self.channels)
+        return x.movedim(channel_axis, 0).reshape(self.channels, -1).T
 
     def layer_positions(self, x: torch.Tensor) -> torch.Tensor:
         """The input in the layout `pointwise` works in: rows for a Linear, the batch as it is for a
