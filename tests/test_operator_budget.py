@@ -14,7 +14,7 @@ BUDGET = {
     ("Linear(384, 384) on 2 × 17 tokens", "default: sampled L1, W′"): 19,
     ("Linear(384, 384) on 2 × 17 tokens", "expected L1, auto path"): 33,
     ("Linear(384, 384) on 2 × 17 tokens", "expected L2, auto path"): 23,
-    ("Linear(384, 384) on 2 × 17 tokens", "low rank (r=8), fraction 0.1"): 36,
+    ("Linear(384, 384) on 2 × 17 tokens", "low rank (r=8), fraction 0.1"): 35,
     ("Conv2d 1 × 1, 256 → 64, no bias, 16 × 16", "default: sampled L1, W′"): 23,
     ("Conv2d 1 × 1, 256 → 64, no bias, 16 × 16", "expected L1, auto path"): 39,
     ("Conv2d 1 × 1, 256 → 64, no bias, 16 × 16", "expected L2, auto path"): 31,
@@ -22,7 +22,7 @@ BUDGET = {
     ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "default: sampled L1, W′"): 25,
     ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "expected L1, auto path"): 36,
     ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "expected L2, auto path"): 24,
-    ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "low rank (r=8), fraction 0.1"): 51,
+    ("Conv2d 3 × 3, 64 → 64, no bias, 16 × 16", "low rank (r=8), fraction 0.1"): 50,
 }
 
 

@@ -766,10 +766,12 @@ class LowRankDense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         mats = ctx.mats
-        grad = grad.view(grad.shape[1:])
         need_diag, need_u, need_v = ctx.needs_input_grad[1:]
+        # ∂a as a contiguous (1, d) copy of the diagonal: a strided view would make the autograd engine
+        # allocate and copy one itself, two operators instead of this one.
+        grad_diag = torch.diagonal(grad, dim1=-2, dim2=-1).contiguous() if need_diag else None
+        grad = grad.view(grad.shape[1:])
         with torch.autocast(grad.device.type, enabled=False):
-            grad_diag = torch.diagonal(grad).view(mats.diag.shape) if need_diag else None
             grad_u = torch.mm(grad, mats.block(2, transposed=True)).view(mats.U.shape) if need_u else None
             grad_v = torch.mm(mats.block(1, transposed=True), grad).view(mats.V.shape) if need_v else None
         return None, grad_diag, grad_u, grad_v
