@@ -9,7 +9,7 @@ minimised by c = −s A μ and A* = n K⁻¹; any A exceeds the minimum by tr((A
 
 Σ is estimated from finitely many rows. With few rows per channel its small eigenvalues are
 underestimated (zero below one row per channel) and A* = n K⁻¹ amplifies exactly those directions,
-so the fitted denoiser is far worse on new inputs than on its own. `shrunk_optimum` therefore solves
+so the fitted denoiser is far worse on new inputs than on its own. `calibrate.fit_layer` therefore solves
 with ``Σ_ρ = (1 − ρ) Σ + ρ diag(Σ)`` (shrinkage toward the diagonal) and picks ρ by the loss on
 held-out rows. Every ρ shares one eigendecomposition: with Y = diag(K) (> 0),
 
