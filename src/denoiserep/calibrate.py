@@ -547,14 +547,21 @@ def calibrate(model: nn.Module, batches: Iterable, *, max_batches: int | None = 
                     s, n = denoiser.sqrt_alpha_bar, denoiser.sqrt_one_minus_alpha_bar
                     current_l2 = float(expected_l2(linear_denoiser(denoiser), measured, s, n, _product_dtype(denoiser)))
                     fitted, rho = fit_layer(denoiser, fit, heldout, shrinkage)
+                    optimum = _optimum_of_fit(denoiser, fitted, fit, measured, rho)
                     if pass_index == 0:
                         before[name] = _layer_loss(name, layer, denoiser, measured, l1_before.get(name), current_l2,
-                                                   _optimum_of_fit(denoiser, fitted, fit, measured, rho))
+                                                   optimum)
                         measured_on[name] = measured
-                    # The fitted loss in the parameters' own dtype, as the model will have it: the report reuses it.
+                    # The fitted loss with the parameters in their own dtype, as the model will have them (the
+                    # report reuses it). Where the fit is the optimum of the rows it is measured on and the
+                    # parameters are float32 or float64, that is the optimum: rounding a minimiser's
+                    # parameters moves its loss only to second order (half precision is measured).
                     candidate = fitted_parameters(denoiser, fitted, fit.mean)
-                    fitted_l2 = float(expected_l2(linear_denoiser(denoiser, candidate), measured, s, n,
-                                                  _product_dtype(denoiser)))
+                    if optimum is not None and denoiser.a.dtype in (torch.float32, torch.float64):
+                        fitted_l2 = optimum
+                    else:
+                        fitted_l2 = float(expected_l2(linear_denoiser(denoiser, candidate), measured, s, n,
+                                                      _product_dtype(denoiser)))
                     kept = fitted_l2 > current_l2
                     if not kept:
                         assign(denoiser, candidate)

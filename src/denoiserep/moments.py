@@ -94,8 +94,17 @@ class Moments:
     def _symmetric_gram(self) -> torch.Tensor:
         if self.groups > 1:
             return self.gram
-        upper = torch.triu(self.gram[0])  # `add` filled the upper block rows only
-        return (upper + torch.triu(upper, 1).T).unsqueeze(0)
+        # `add` fills each block row from its diagonal block rightwards: mirror, in place, each diagonal
+        # block's upper triangle onto its lower one (a GEMM's two triangles may differ in rounding) and
+        # the blocks right of the diagonal below it. `add` never writes below the diagonal blocks, so
+        # this stays correct after more batches (each call mirrors again).
+        gram = self.gram[0]
+        for start in range(0, self.group_channels, GRAM_BLOCK):
+            stop = min(start + GRAM_BLOCK, self.group_channels)
+            block = gram[start:stop, start:stop]
+            block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+            gram[stop:, start:stop] = gram[start:stop, stop:].T
+        return self.gram
 
     @property
     def nbytes(self) -> int:
@@ -109,9 +118,9 @@ class Moments:
         if count:
             local_mean = self.shift.double() + self.sum / count
             sums = self.sum.reshape(self.groups, self.group_channels)
-            scatter = self._symmetric_gram() - sums.unsqueeze(-1) * sums.unsqueeze(-2) / count
+            scatter = torch.baddbmm(self._symmetric_gram(), sums.unsqueeze(-1), sums.unsqueeze(-2), alpha=-1.0 / count)
         if not (dist.is_available() and dist.is_initialized()):
-            return InputStatistics(count, local_mean, scatter / count) if count else None
+            return InputStatistics(count, local_mean, scatter.div_(count)) if count else None
         return self._merged(count, local_mean, scatter)
 
     def _merged(self, count: int, local_mean, scatter) -> InputStatistics | None:
