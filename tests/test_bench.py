@@ -72,6 +72,17 @@ def test_quick_calibration_section_times_calibration_against_a_forward_and_plots
     assert (tmp_path / "calibration_vs_training.png").exists()
 
 
+def test_the_calibration_cost_verdict_reads_the_intervals_of_repeated_rounds():
+    def row(ratio, ci, rounds=3):
+        return calibration.CostRow("m", "mode", 64, 1.0, ratio, 0.5, 1, ratio, ci, rounds, 1.0)
+
+    assert calibration.cost_verdict([row(2.5, (2.4, 2.8)), row(2.7, (2.6, 2.9))]) == "met"
+    assert calibration.cost_verdict([row(2.5, (2.4, 2.8)), row(3.3, (3.1, 3.4))]) == "**missed**"
+    assert calibration.cost_verdict([row(2.9, (2.7, 3.2)), row(2.7, (2.6, 2.9))]).startswith("not resolved")
+    assert calibration.cost_verdict([row(2.9, (2.9, 2.9), rounds=1)]) == "met (one round)"
+    assert calibration.cost_verdict([row(3.1, (3.1, 3.1), rounds=1)]) == "**missed** (one round)"
+
+
 def test_fused_flops_equal_the_baseline_flops():
     settings = Settings()
     model = timm.create_model("resnet18", num_classes=5).eval()
