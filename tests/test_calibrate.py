@@ -14,7 +14,7 @@ from torch import nn
 import denoiserep as dr
 from denoiserep import DenoiseConfig
 from denoiserep.calibrate import CalibrationError
-from denoiserep.moments import InputStatistics
+from denoiserep.moments import GRAM_BLOCK, InputStatistics, Moments
 from denoiserep.optimum import LinearDenoiser, expected_l2, full_rank_optimum, optimal_l2
 
 from conftest import free_port, relative_error
@@ -146,6 +146,19 @@ def test_the_expected_l2_loss_is_what_sampling_the_training_noise_loss_converges
                                *coefficients(denoiser))
         sampled = torch.stack([denoiser.noise_loss(x) for _ in range(50)]).mean()
     assert sampled.item() == pytest.approx(expected.item(), rel=0.01)
+
+
+def test_moments_read_between_batches_stay_exact_and_symmetric():
+    # Wider than a Gram block: statistics() mirrors the accumulated upper blocks in place, and later
+    # batches must still add up as if it had never been called.
+    x = structured_inputs(600, GRAM_BLOCK + 44, rank=5)
+    moments = Moments(1, x.shape[1], torch.float64)
+    moments.add(x[:250])
+    moments.statistics()
+    moments.add(x[250:])
+    covariance = moments.statistics().covariance[0]
+    torch.testing.assert_close(covariance, torch.cov(x.T, correction=0), rtol=1e-10, atol=1e-12)
+    assert torch.equal(covariance, covariance.T)
 
 
 # -- every layer type -------------------------------------------------------------------------------

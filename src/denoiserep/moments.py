@@ -9,6 +9,7 @@ across torch.distributed ranks. `InputStatistics` is the result: what `denoisere
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,10 @@ class Moments:
         if count:
             local_mean = self.shift.double() + self.sum / count
             sums = self.sum.reshape(self.groups, self.group_channels)
-            scatter = torch.baddbmm(self._symmetric_gram(), sums.unsqueeze(-1), sums.unsqueeze(-2), alpha=-1.0 / count)
+            # Σ (x − shift)(x − shift)ᵀ − s sᵀ / count, as one product of u = s / √count with itself: u_i u_j
+            # and u_j u_i round alike, so the scatter stays exactly symmetric (a scaled α s sᵀ would not).
+            root = sums / math.sqrt(count)
+            scatter = torch.baddbmm(self._symmetric_gram(), root.unsqueeze(-1), root.unsqueeze(-2), alpha=-1.0)
         if not (dist.is_available() and dist.is_initialized()):
             return InputStatistics(count, local_mean, scatter.div_(count)) if count else None
         return self._merged(count, local_mean, scatter)
