@@ -121,6 +121,11 @@ def scaled_complement(x: torch.Tensor, c3: float, c1: float) -> torch.Tensor:
     return c3 - c1 * x if _compiling() else torch.rsub(x, c3, alpha=c1)
 
 
+def form_of(params) -> str:
+    """The form of a denoiser's matrix tensors: one A ("full") or diag, U, V ("low_rank")."""
+    return "full" if len(params) == 1 else "low_rank"
+
+
 class Matrices:
     """The denoiser's matrix parameters and the views of them a step uses: A (groups, d, d), or diag
     (groups, d), U (groups, d, r), V (groups, r, d); with one group also as plain matrices, and as
@@ -275,13 +280,17 @@ class Pointwise:
         if self.conv is None:
             grad_t = torch.mm(grad, plain if plain is not None else mats.block(index)) if need_input else None
             return grad_t, torch.mm(grad.t(), t) if need_matrix else None
-        n = self.spatial_dims
-        kernel = mats.kernel(index, matrix, self.unit)
-        dtype = self._backward_dtype(grad, t)
-        grad_t, grad_kernel, grad_sum = torch.ops.aten.convolution_backward(
-            cast(grad, dtype), cast(t, dtype), cast(kernel, dtype), [self.channels] if need_sum else None, [1] * n, [0] * n,
-            [1] * n, False, [0] * n, self.groups, [need_input, need_matrix, need_sum])
+        grad_t, grad_kernel, grad_sum = self._convolution_backward(grad, t, mats.kernel(index, matrix, self.unit),
+                                                                   [need_input, need_matrix, need_sum])
         return (grad_t, grad_kernel, grad_sum) if need_sum else (grad_t, grad_kernel)
+
+    def _convolution_backward(self, grad: torch.Tensor, t: torch.Tensor, kernel: torch.Tensor, mask: list[bool]):
+        """(∂t, ∂kernel, Σ ∂ over positions) of conv(t, kernel) (1 × 1, this layout's groups), as ``mask`` asks."""
+        n = self.spatial_dims
+        dtype = self._backward_dtype(grad, t)
+        return torch.ops.aten.convolution_backward(
+            cast(grad, dtype), cast(t, dtype), cast(kernel, dtype), [self.channels] if mask[2] else None, [1] * n,
+            [0] * n, [1] * n, False, [0] * n, self.groups, mask)
 
     @staticmethod
     def _backward_dtype(grad: torch.Tensor, t: torch.Tensor) -> torch.dtype:
@@ -336,10 +345,13 @@ class Pointwise:
             grads[0].add_(self._product_grad(mats, 0, mats.A, grad, t, False)[1].view(grads[0].shape))
 
     def denoised_input_grad(self, mats: Matrices, grad: torch.Tensor, t: torch.Tensor, c1: float,
-                            c3: float) -> torch.Tensor:
-        """∂/∂t of c3 t − c1 A t applied to g: c3 g − c1 Aᵀ g (full rank)."""
+                            c3: float, kernel: torch.Tensor | None = None) -> torch.Tensor:
+        """∂/∂t of c3 t − c1 A t applied to g: c3 g − c1 Aᵀ g (full rank). ``kernel``: c3 I − c1 A as the
+        forward's convolution kernel (`mean_and_denoised`), whose input gradient this is in one call."""
         if self.conv is None:
             return addmm(grad, grad, mats.A2, beta=c3, alpha=-c1)
+        if kernel is not None:
+            return self._convolution_backward(grad, t, kernel, [True, False, False])[0]
         into = self._product_grad(mats, 0, mats.A, grad, t, True, need_matrix=False)[0]
         return axpy_(into.mul_(-c1), grad, c3)
 
@@ -1002,15 +1014,7 @@ def _input_path_grads(ctx, x, e, params, grad_out, grad_bias_prime, grad_loss, n
     grad_e = torch.mv(mats.A2t, grad_c)
     grad_x = None
     if need_x:
-        if pointwise.conv is None:
-            grad_x = addmm(grad_denoised, grad_denoised, mats.A2, beta=c3, alpha=-c1)
-        else:  # the input gradient of conv(x, c3 I − c1 A)
-            n = pointwise.spatial_dims
-            kernel = ctx.denoise_kernel
-            compute = pointwise._backward_dtype(grad_denoised, inputs)
-            grad_x = torch.ops.aten.convolution_backward(
-                cast(grad_denoised, compute), cast(inputs, compute), cast(kernel, compute), None, [1] * n, [0] * n, [1] * n,
-                False, [0] * n, 1, [True, False, False])[0]
+        grad_x = pointwise.denoised_input_grad(mats, grad_denoised, inputs, c1, c3, ctx.denoise_kernel)
         grad_x = cast(den.from_layer_positions(grad_x, x), x.dtype)
     return grad_x, grad_e, grad_c, _in_dtypes([grad_matrix], params)
 

@@ -48,6 +48,7 @@ from .layer_step import (
     WeightViews,
     axpy,
     constant,
+    form_of,
     fused_weight,
     kernel_sum,
     shifted_bias,
@@ -216,7 +217,7 @@ class LayerDenoiser(nn.Module):
         if not self.enabled:
             return weight
         params = self.step_matrices()
-        return fused_weight(self.groups, weight, "full" if len(params) == 1 else "low_rank", params, self.c1, self.c3)
+        return fused_weight(self.groups, weight, form_of(params), params, self.c1, self.c3)
 
     def bias_shift(self, weight: torch.Tensor) -> torch.Tensor:
         """``W u`` with ``u = −c1 (A e + a) + σ z``, summed over the kernel (shape: out_features)."""
@@ -400,7 +401,7 @@ class LayerDenoiser(nn.Module):
         compiling = torch.compiler.is_compiling()
         cache = self._step_cache
         if compiling or not isinstance(params[0], nn.Parameter):
-            matrices = Matrices("full" if len(params) == 1 else "low_rank", params)
+            matrices = Matrices(form_of(params), params)
         else:
             key = (*(p.data_ptr() for p in params), params[0].dtype)
             if cache.matrices_key != key:
