@@ -1,12 +1,10 @@
 """Calibration: every layer denoiser set to the closed-form optimum of its own noise loss."""
 
 import copy
-import os
 import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +15,7 @@ from denoiserep.calibrate import CalibrationError
 from denoiserep.moments import GRAM_BLOCK, InputStatistics, Moments
 from denoiserep.optimum import LinearDenoiser, expected_l2, full_rank_optimum, optimal_l2
 
-from conftest import free_port, relative_error
+from conftest import free_port, gloo_group, relative_error
 
 DDPM_MID = DenoiseConfig(schedule="ddpm", timestep_range=(150, 150))  # ᾱ ≈ 0.5: neither term dominates
 # The exact optimum of the rows calibrated on: no hold-out, no shrinkage (what the closed form states).
@@ -441,9 +439,7 @@ def step_batches(rank: int | None = None) -> list[torch.Tensor]:
 
 
 def _calibrate_worker(rank, world_size, port, result_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         torch.manual_seed(0)
         in_sample, held_out = converted_cnn(), converted_cnn()
         dr.calibrate(in_sample, ddp_batches()[rank::world_size], progress=False, **IN_SAMPLE)
@@ -451,8 +447,6 @@ def _calibrate_worker(rank, world_size, port, result_file):
         if rank == 0:
             torch.save({"in_sample": denoiser_state(in_sample), "held_out": denoiser_state(held_out),
                         "after": torch.tensor(report.after.l2)}, result_file)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_processes_calibrate_exactly_as_one_process_on_all_the_batches(tmp_path):

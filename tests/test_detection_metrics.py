@@ -2,13 +2,11 @@
 is the mean over IoU 0.50:0.05:0.95 of the precision envelope sampled at 101 recall points)."""
 
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, gloo_group
 
 from denoiserep.metrics.detection import DetectionMetric, evaluate
 
@@ -149,18 +147,13 @@ def random_images(count=6):
 
 
 def _gather_worker(rank, world, port, result_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         predictions, targets = random_images()
         metric = DetectionMetric(("bbox", "segm"))
         ids = list(range(rank, len(targets), world))  # shard_indices: rank 0 even images, rank 1 odd
         metric.update([predictions[i] for i in ids], [targets[i] for i in ids], image_ids=ids)
         result = metric.compute()
         torch.save(result, f"{result_file}.{rank}")
-        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_training.py)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_processes_gather_to_rank_zero_and_equal_one_process(tmp_path):

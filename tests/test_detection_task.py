@@ -9,9 +9,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, gloo_group
 from test_detection_data import coco, voc
 
 import denoiserep as dr
@@ -284,15 +283,10 @@ def test_fused_check_says_identical_same_ap_or_no(tmp_path):
 
 
 def _evaluate_worker(rank, world, port, data, result_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.set_num_threads(1)
         metrics = _evaluate(data, DistInfo(rank, world))
         torch.save(metrics, f"{result_file}.{rank}")
-        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_training.py)
-    finally:
-        dist.destroy_process_group()
 
 
 def _evaluate(data: str, info: DistInfo) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +27,7 @@ from denoiserep.tasks.reid.models import ReidModel, ReidTrainOutput, create_reid
 from denoiserep.train.config import TrainConfig
 from denoiserep.train.distributed import DistInfo
 
-from conftest import free_port
+from conftest import free_port, gloo_group
 
 TINY_VIT = "vit_tiny_patch16_224"
 TINY_VIT_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_stride": 6}
@@ -338,10 +337,8 @@ def _loss_gradient(task: ReidTask, info: DistInfo) -> torch.Tensor:
 
 
 def _ddp_worker(rank: int, world: int, port: int, root: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         info = DistInfo(rank, world, rank)
         task = ReidTask(disk_cfg(f"market1501:{root}", Path(out_dir), eval_batch_size=4))
         metrics = task.evaluate(_ProjectionModel(3 * 32 * 16), info, torch.device("cpu"))
@@ -349,9 +346,6 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, out_dir: str) -> No
         dist.all_reduce(grad)
         grad /= world  # what DDP does
         torch.save({"metrics": metrics, "grad": grad}, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_training.py)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_evaluation_and_loss_equal_a_single_process(tmp_path):

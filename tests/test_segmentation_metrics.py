@@ -2,17 +2,15 @@
 brute-force per-pixel reference."""
 
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from denoiserep.metrics.segmentation import SegmentationMetric, evaluate, mask_boundary
 
-from conftest import free_port
+from conftest import free_port, gloo_group
 
 
 def square(size=8, lo=2, hi=6, label=1):
@@ -132,9 +130,7 @@ def test_bad_maps_are_refused_with_the_reason():
 
 
 def _reduce_worker(rank, world, port, result_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         preds, targets = random_pairs()
         metric = SegmentationMetric(num_classes=4)
         for pred, target in list(zip(preds, targets))[rank::world]:
@@ -142,9 +138,6 @@ def _reduce_worker(rank, world, port, result_file):
         metric.all_reduce()
         if rank == 0:
             torch.save({k: v for k, v in metric.compute().items()}, result_file)
-        dist.barrier()  # both ranks done before either tears gloo down (see tests/test_training.py)
-    finally:
-        dist.destroy_process_group()
 
 
 def random_pairs():

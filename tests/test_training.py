@@ -2,7 +2,6 @@
 
 import contextlib
 import copy
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 import denoiserep as dr
 from denoiserep import DenoiseConfig, DenoiseHead
-from conftest import free_port
+from conftest import free_port, gloo_group
 
 
 def small_cnn():
@@ -197,9 +196,7 @@ def test_denoise_head_with_sampled_noise_is_seeded():
 
 
 def _ddp_worker(rank, world_size, port, result_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         torch.manual_seed(0)
         model = small_cnn()
         x = structured_batch(8)
@@ -219,11 +216,6 @@ def _ddp_worker(rank, world_size, port, result_file):
         dist.all_gather(gathered, params)
         if rank == 0:
             torch.save(gathered, result_file)
-        # Both ranks done before either tears gloo down: a rank leaving while its peer still talks to it
-        # aborted the peer ("terminate called without an active exception") now and then under load.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_trains_denoisers_without_unused_parameter_errors_and_keeps_replicas_in_sync(tmp_path):
